@@ -1,0 +1,38 @@
+# cl_runner — every target installs what it needs into $(VENV) on first use and reuses it after.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.cl_runner-installed
+ARGS   ?=
+SHARED_DATA := $(abspath ../shared/data)
+PORT   ?= 5000
+
+.PHONY: install run test test-full ui bench clean
+
+install: $(STAMP)
+
+# re-installs when pyproject.toml changes; the package itself is editable (live code and conf/)
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[test]'
+	@touch $(STAMP)
+
+run: install            ## the default experiment (finetune on the bundled digits; offline, seconds)
+	$(BIN)/cl-run $(ARGS)
+
+test: install           ## fast tier: synthetic / bundled data, a few minutes on 2 cores
+	$(BIN)/python -m pytest -q
+
+test-full: install      ## + the slow tier: real MNIST / Fashion-MNIST (../shared/data or $$CL_RUNNER_DATA)
+	CL_RUNNER_SHARED_DATA=$${CL_RUNNER_DATA:-$(SHARED_DATA)} $(BIN)/python -m pytest -q -m ""
+
+ui: install             ## browse runs at http://127.0.0.1:$(PORT)
+	@mkdir -p outputs
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath outputs)/mlflow.db --host 127.0.0.1 --port $(PORT)
+
+bench: install          ## time the split-MNIST finetune protocol; appends to BENCHMARKS.md
+	CL_RUNNER_DATA=$${CL_RUNNER_DATA:-$(SHARED_DATA)} $(BIN)/python scripts/bench.py $(ARGS)
+
+clean:                  ## run folders, MLflow database/artifacts, caches (keeps the venv)
+	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
+	rm -rf multirun .pytest_cache

@@ -1,0 +1,104 @@
+"""The method contract and the standard minibatch loop.
+
+A method is an `nn.Module` registered by name. The engine calls `fit_task(task)` for each task and
+`predict(x, task_id)` to evaluate. The default `fit_task` rebuilds the optimizer, runs `epochs` passes
+of shuffled minibatches (index slices of tensors already on the device) and calls the hooks below;
+methods with a different training scheme override `fit_task` and reuse `train_epochs`. State that
+must survive a checkpoint (masks, importances) belongs in registered buffers, not plain attributes.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MethodConfig
+from ..registry import METHODS
+
+
+class Method(nn.Module):
+    schema = MethodConfig
+    trains_jointly = False  # True: the engine hands over all tasks' data as one task
+    task_aware_predict = False  # True: predict(x, task_id) differs from predict(x), so evaluate twice
+
+    def __init__(self, cfg, model: nn.Module, stream, device: torch.device):
+        super().__init__()
+        self.cfg, self.hp = cfg, cfg.method
+        self.model, self.stream, self.device = model, stream, device
+        self.multi_head = cfg.model.head == "multi"
+        # one generator for minibatch order, on the data's device, so shuffling never syncs
+        self.shuffle_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.on_step = lambda: None  # set by the engine: advances the progress bar
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    # -- hooks (no-ops by default) ---------------------------------------------------------------
+    def begin_task(self, task) -> None: ...
+    def after_backward(self, task) -> None: ...  # e.g. gradient masking
+    def after_step(self, task) -> None: ...  # e.g. importance accumulation, re-applying masks
+    def end_epoch(self, task, epoch: int) -> None: ...  # e.g. drop/grow
+    def end_task(self, task) -> None: ...
+
+    # -- building blocks -------------------------------------------------------------------------
+    def make_optimizer(self, params, lr: float | None = None) -> torch.optim.Optimizer:
+        lr = self.hp.lr if lr is None else lr
+        if self.hp.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=self.hp.momentum, weight_decay=self.hp.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=self.hp.weight_decay)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, task) -> torch.Tensor:
+        if self.multi_head:  # a task's head = the block of its classes (contiguous labels)
+            lo = task.classes[0]
+            return F.cross_entropy(logits[:, lo:lo + len(task.classes)], y - lo)
+        return F.cross_entropy(logits, y)
+
+    def train_epochs(self, task, split, epochs: int) -> torch.Tensor:
+        """Shuffled minibatch SGD over `split`; returns the last epoch's mean loss (a 0-d tensor)."""
+        n, bs = len(split.y), self.hp.batch_size
+        self.model.train()
+        mean_loss = torch.zeros((), device=self.device)
+        for epoch in range(epochs):
+            order = torch.randperm(n, device=self.device, generator=self.shuffle_gen)
+            total = torch.zeros((), device=self.device)
+            for start in range(0, n, bs):
+                idx = order[start:start + bs]
+                loss = self.loss(self.model(split.x[idx]), split.y[idx], task)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.after_backward(task)
+                self.optimizer.step()
+                self.after_step(task)
+                total += loss.detach()  # stays on the device: no sync in the loop
+                self.on_step()
+            mean_loss = total / -(-n // bs)
+            self.end_epoch(task, epoch)
+        return mean_loss
+
+    def fit_task(self, task) -> torch.Tensor:
+        self.begin_task(task)
+        self.optimizer = self.make_optimizer(self.model.parameters())  # rebuilt per task
+        loss = self.train_epochs(task, task.train, self.hp.epochs)
+        self.end_task(task)
+        return loss
+
+    def steps_per_task(self, task) -> int:
+        """Optimizer steps `fit_task` will take (for progress bars)."""
+        return self.hp.epochs * -(-len(task.train.y) // self.hp.batch_size)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, task_id: int | None = None) -> torch.Tensor:
+        """Logits over the whole label space; task-agnostic when task_id is None."""
+        return self.model(x)
+
+    def capacity(self) -> dict | None:
+        """Per-layer usage {layer: {quantity: number}} for methods that allocate capacity."""
+        return None
+
+
+# import every module in this package so their @METHODS.register decorators run
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")
+
+__all__ = ["Method", "METHODS"]

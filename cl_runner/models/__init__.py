@@ -1,0 +1,91 @@
+"""Networks: `mlp` and `cnn` (the 4-conv network of Zenke et al. 2017), single or multi-head.
+
+Both end in one output layer `out` over the stream's whole label space. A multi-head model is the same
+layer read per task: each task's head is the block of rows of its classes, its loss and task-IL
+prediction look only at that block, and class-IL prediction reads all blocks side by side. So heads
+need no separate modules, and methods that mask connections treat the output layer like any other.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import CNNConfig, MLPConfig
+from ..errors import ConfigError
+from ..registry import MODELS
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
+
+
+def _check_head(cfg) -> None:
+    if cfg.model.head == "multi" and cfg.dataset.label_mode != "offset":
+        raise ConfigError("model.head=multi needs dataset.label_mode=offset (one block of labels per head)")
+
+
+@MODELS.register("mlp", MLPConfig)
+class MLP(nn.Module):
+    check_config = staticmethod(_check_head)
+
+    def __init__(self, mcfg, input_shape: tuple, n_outputs: int):
+        super().__init__()
+        dims = [math.prod(input_shape), *mcfg.hidden]
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.act = ACTIVATIONS[mcfg.activation]()
+        self.out = nn.Linear(dims[-1], n_outputs)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)  # [N, C*H*W]
+        for layer in self.hidden:
+            x = self.act(layer(x))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.features(x))
+
+
+@MODELS.register("cnn", CNNConfig)
+class CNN(nn.Module):
+    """conv(c0, same) → conv(c1, valid) → maxpool → dropout → conv(c2, same) → conv(c3, valid) → maxpool
+    → dropout → dense(hidden...) → dropout → out; ReLU after every conv and dense layer."""
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        _check_head(cfg)
+        if len(cfg.model.channels) != 4:
+            raise ConfigError(f"model.channels must list 4 conv widths, got {list(cfg.model.channels)}")
+
+    def __init__(self, mcfg, input_shape: tuple, n_outputs: int):
+        super().__init__()
+        c_in, h, w = input_shape
+        c = list(mcfg.channels)
+        self.convs = nn.ModuleList([
+            nn.Conv2d(c_in, c[0], 3, padding=1), nn.Conv2d(c[0], c[1], 3),
+            nn.Conv2d(c[1], c[2], 3, padding=1), nn.Conv2d(c[2], c[3], 3),
+        ])
+        self.pool, self.drop_conv = nn.MaxPool2d(2), nn.Dropout(mcfg.dropout_conv)
+        # spatial size after (valid conv, pool) twice: 32 → 30 → 15 → 13 → 6
+        for _ in range(2):
+            h, w = (h - 2) // 2, (w - 2) // 2
+        dims = [c[3] * h * w, *mcfg.hidden]
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.drop_dense = nn.Dropout(mcfg.dropout_dense)
+        self.out = nn.Linear(dims[-1], n_outputs)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        for i, conv in enumerate(self.convs):
+            x = torch.relu(conv(x))
+            if i % 2 == 1:  # after each pair of convs
+                x = self.drop_conv(self.pool(x))
+        x = x.flatten(1)
+        for layer in self.hidden:
+            x = self.drop_dense(torch.relu(layer(x)))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.features(x))
+
+
+def build_model(cfg, stream) -> nn.Module:
+    return MODELS.get(cfg.model.name)(cfg.model, stream.input_shape, stream.n_outputs)

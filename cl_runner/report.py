@@ -1,0 +1,337 @@
+"""`cl-report`: finished runs as a paper-style table, mean ± std over seeds, one row per experiment.
+
+    cl-report outputs/runs                     # every results.json under a folder (tracking=local)
+    cl-report --experiment cl_runner --ref     # MLflow, beside the published numbers in references.yaml
+    cl-report --parent <sweep run id> --metrics capacity/fc1/used_frac --csv table.csv
+
+A row is a method × dataset (config names) plus every config key that takes more than one value
+within that method × dataset (the swept keys), so seeds are what a row averages over.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import socket
+import statistics
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from glob import glob
+from pathlib import Path
+from urllib.parse import urlparse
+
+from .errors import TrackingError, UserError
+
+# column label -> metric name (the same names in MLflow and in results.json)
+COLUMNS = {"acc (class-IL)": "final/avg_acc", "acc (task-IL)": "final/avg_acc_til", "BWT": "final/bwt",
+           "forgetting": "final/forgetting", "time (s)": "time/total_s"}
+# keys that say where or how a run ran, never which experiment it is
+NOT_EXPERIMENT = ("seed", "tracking", "progress", "resume", "launcher", "eval.batch_size",
+                  "paths.", "hardware.", "mlflow.")
+DASH = "–"
+
+
+@dataclass
+class RunRecord:
+    method: str  # config names (Hydra choices), e.g. "static_sparse" although method.name is "spacenet"
+    dataset: str
+    seed: int | None
+    params: dict[str, str]  # flattened resolved config, dotted keys
+    metrics: dict[str, float]
+    status: str = "finished"
+    source: str = ""  # results.json path or MLflow run id
+
+
+@dataclass
+class Row:
+    method: str
+    dataset: str
+    swept: dict[str, str]
+    n: int
+    stats: dict[str, tuple[float, float] | None]  # column label -> (mean, std); std is NaN for one run
+    statuses: Counter  # status -> number of runs
+    paper: str | None = None  # None: references not requested
+    flag: str | None = None
+
+
+# ------------------------------------------------------------------------------------- collecting
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"method.lr": "0.01", ...}, values as str() like MLflow params."""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": str(v)})
+    return out
+
+
+def _result_files(paths: list[str]) -> list[Path]:
+    files = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            files += sorted(path.rglob("results.json"))
+        elif path.is_file():
+            files.append(path)
+        elif any(c in p for c in "*?["):  # a quoted pattern the shell did not expand
+            files += [Path(f) for f in sorted(glob(p, recursive=True)) if Path(f).is_file()]
+        else:
+            raise UserError(f"no such file or folder: {p}")
+    return files
+
+
+def read_results(path: Path) -> RunRecord:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("schema_version") != 1:
+            raise UserError(f"{path}: schema_version {data.get('schema_version')!r}, expected 1")
+        cfg, choices = data.get("config") or {}, data.get("choices") or {}
+        metrics = {k: float(v) for k, v in (data.get("metrics") or {}).items() if isinstance(v, (int, float))}
+        if "time/total_s" not in metrics and (data.get("timings") or {}).get("total_s") is not None:
+            metrics["time/total_s"] = float(data["timings"]["total_s"])
+        return RunRecord(method=choices.get("method") or cfg["method"]["name"],
+                         dataset=choices.get("dataset") or cfg["dataset"]["name"], seed=cfg.get("seed"),
+                         params=flatten(cfg), metrics=metrics, status=str(data.get("status")), source=str(path))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    except (AttributeError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a cl_runner results file ({type(e).__name__}: {e})") from None
+
+
+def collect_from_results(paths: list[str], all_runs: bool = False) -> list[RunRecord]:
+    records = [read_results(f) for f in _result_files(paths)]
+    return [r for r in records if all_runs or r.status == "finished"]
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the database cl-run writes by default."""
+    outputs = Path(os.environ.get("CL_RUNNER_OUTPUTS", "outputs")).resolve()  # = config.yaml paths.outputs
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{outputs / 'mlflow.db'}"
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail fast: MLflow retries a closed server for minutes and creates a missing SQLite file."""
+    u = urlparse(uri)
+    if u.scheme in ("http", "https"):
+        try:
+            port = u.port or (443 if u.scheme == "https" else 80)
+            socket.create_connection((u.hostname, port), timeout=2).close()
+        except (OSError, ValueError) as e:
+            raise TrackingError(f"tracking server {uri} is unreachable ({e})") from None
+    elif u.scheme == "sqlite":
+        db = uri[len("sqlite:///"):].split("?")[0]  # absolute paths keep their leading '/'
+        if db and db != ":memory:" and not Path(db).is_file():
+            raise TrackingError(f"no MLflow database at {db} (pass --tracking-uri, or results.json paths)")
+
+
+def collect_from_mlflow(experiment: str = "cl_runner", parent: str | None = None, filter_string: str = "",
+                        tracking_uri: str | None = None, all_runs: bool = False) -> list[RunRecord]:
+    uri = resolve_tracking_uri(tracking_uri)
+    check_tracking_uri(uri)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    from mlflow.tracking import MlflowClient  # imported here: mlflow takes seconds to import
+
+    filters = []
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        if parent:  # the sweep's children live in the parent's experiment, whatever --experiment says
+            exp_id = client.get_run(parent).info.experiment_id
+            filters.append(f"tags.mlflow.parentRunId = '{parent}'")
+        else:
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                known = ", ".join(e.name for e in client.search_experiments()) or "none"
+                raise TrackingError(f"no MLflow experiment {experiment!r} at {uri} (known: {known})")
+            exp_id = exp.experiment_id
+        if not all_runs:
+            filters.append("attributes.status = 'FINISHED'")
+        if filter_string:
+            filters.append(filter_string)
+        page = client.search_runs([exp_id], " and ".join(filters))
+        runs = list(page)
+        while page.token:  # more than one page (1000 runs each)
+            page = client.search_runs([exp_id], " and ".join(filters), page_token=page.token)
+            runs += page
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the backend raises (MLflow, SQLAlchemy, requests)
+        msg = (getattr(e, "message", None) or str(e) or type(e).__name__).splitlines()[0][:300]
+        raise TrackingError(f"MLflow at {uri}: {msg}") from None
+    records = []
+    for run in runs:
+        tags, params = run.data.tags, run.data.params
+        if tags.get("cl_runner.sweep_parent") == "true":  # holds the sweep, no results of its own
+            continue
+        seed = tags.get("seed", params.get("seed"))
+        records.append(RunRecord(
+            method=tags.get("method") or params.get("method.name", "?"),
+            dataset=tags.get("dataset") or params.get("dataset.name", "?"),
+            seed=int(seed) if seed is not None and seed.lstrip("-").isdigit() else None,
+            params=dict(params), metrics=dict(run.data.metrics), status=run.info.status.lower(),
+            source=run.info.run_id))
+    return records
+
+
+# ------------------------------------------------------------------------------------ summarising
+def swept_keys(records: list[RunRecord]) -> list[str]:
+    """Config keys with more than one value (or missing in some runs) within a method × dataset."""
+    groups: dict[tuple, list[RunRecord]] = {}
+    for r in records:
+        groups.setdefault((r.method, r.dataset), []).append(r)
+    keys = set()
+    for runs in groups.values():
+        for k in set().union(*(r.params for r in runs)):
+            if not k.startswith(NOT_EXPERIMENT) and len({r.params.get(k) for r in runs}) > 1:
+                keys.add(k)
+    return sorted(keys)
+
+
+def reference_band(ref_std: float | None, row_std: float, n: int) -> float:
+    """Half-width of the band around a published mean that a faithful reproduction should land in.
+
+    Twice the paper's std over seeds, or twice our own standard error if that is wider (few seeds,
+    noisy method), but never under 1 accuracy point (papers round; data pipelines differ slightly).
+    """
+    own = 2 * row_std / math.sqrt(n) if n > 1 and not math.isnan(row_std) else 0.0
+    return max(2 * (ref_std or 0.0), own, 1.0)
+
+
+def load_references() -> dict:
+    import yaml  # read beside this module: importlib.resources fails on namespace packages (3.11)
+
+    return yaml.safe_load(Path(__file__).with_name("references.yaml").read_text(encoding="utf-8")) or {}
+
+
+def _compare(row: Row, refs: dict) -> None:
+    row.paper = row.flag = DASH
+    entry = (refs.get(row.method) or {}).get(row.dataset)
+    if not entry:
+        return
+    # class-IL when the paper gives it; CLNP's pMNIST number is task-aware only
+    label, ref, ref_std = (("acc (class-IL)", entry["acc"], entry.get("std")) if "acc" in entry
+                           else ("acc (task-IL)", entry["acc_til"], entry.get("std_til")))
+    row.paper = _fmt((ref, math.nan if ref_std is None else ref_std)) + ("" if "acc" in entry else " task-IL")
+    if row.stats.get(label):
+        mean, std = row.stats[label]
+        row.flag = "✓" if abs(mean - ref) <= reference_band(ref_std, std, row.n) else "✗ outside"
+
+
+def _mean_std(values: list) -> tuple[float, float] | None:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return None
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else math.nan  # ddof=1
+
+
+def summarise(records: list[RunRecord], metrics: list[str] = (), refs: dict | None = None) -> list[Row]:
+    keys = swept_keys(records)
+    groups: dict[tuple, list[RunRecord]] = {}
+    for r in records:
+        groups.setdefault((r.method, r.dataset, *(r.params.get(k, DASH) for k in keys)), []).append(r)
+    columns = {**COLUMNS, **{m: m for m in metrics}}
+    rows = []
+    # numbers sort as numbers ("2" before "10"); then text
+    for key in sorted(groups, key=lambda key: [(0, float(v), "") if _is_number(v) else (1, 0, v) for v in key]):
+        runs = groups[key]
+        stats = {label: _mean_std([r.metrics.get(name) for r in runs]) for label, name in columns.items()}
+        row = Row(key[0], key[1], dict(zip(keys, key[2:])), len(runs), stats, Counter(r.status for r in runs))
+        if refs is not None:
+            _compare(row, refs)
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------- printing
+def _is_number(v: str) -> bool:
+    try:
+        return not math.isnan(float(v))
+    except ValueError:
+        return False
+
+
+def _fmt(mean_std: tuple[float, float] | None) -> str:
+    if mean_std is None:
+        return DASH
+    mean, std = mean_std
+    return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def _table(rows: list[Row], split: bool) -> tuple[list[str], list[list[str]]]:
+    """Header and cells; `split` gives mean and std their own (numeric) columns, for CSV."""
+    first, show_status = rows[0], any(set(r.statuses) != {"finished"} for r in rows)
+    head = ["method", "dataset", *first.swept, "n"]
+    head += [f"{c} {s}" for c in first.stats for s in ("mean", "std")] if split else list(first.stats)
+    head += ["paper", "vs paper"] if first.flag is not None else []
+    head += ["status"] if show_status else []
+    body = []
+    for r in rows:
+        cells = [r.method, r.dataset, *r.swept.values(), str(r.n)]
+        for ms in r.stats.values():
+            if not split:
+                cells.append(_fmt(ms))
+            else:  # empty, not "–", so that spreadsheets and pandas read a missing number
+                cells += ["" if ms is None or math.isnan(x) else f"{x:.4f}" for x in (ms or (0, 0))]
+        cells += [r.paper, r.flag] if r.flag is not None else []
+        cells += [", ".join(f"{n} {s}" for s, n in sorted(r.statuses.items()))] if show_status else []
+        body.append(cells)
+    return head, body
+
+
+def to_markdown(rows: list[Row]) -> str:
+    head, body = _table(rows, split=False)
+    numeric = {"n", "paper", *rows[0].stats}
+    lines = [head, ["---:" if h in numeric else ":---" for h in head], *body]
+    return "\n".join("| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in lines)
+
+
+def to_csv(rows: list[Row]) -> str:
+    head, body = _table(rows, split=True)
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows([head, *body])
+    return out.getvalue()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cl-report", description=__doc__.split("\n")[0])
+    p.add_argument("paths", nargs="*", help="results.json files or folders to search; none: read MLflow")
+    p.add_argument("--experiment", default="cl_runner", help="MLflow experiment name")
+    p.add_argument("--parent", help="only the children of this sweep parent run id")
+    p.add_argument("--filter", default="", help="MLflow search filter, e.g. \"params.`method.lr` = '0.1'\"")
+    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else outputs/mlflow.db")
+    p.add_argument("--metrics", nargs="+", default=[],
+                   help="extra metric columns, names as in MLflow (a,b or a b; put paths before --metrics)")
+    p.add_argument("--csv", help="also write the table to this CSV file (mean and std in separate columns)")
+    p.add_argument("--ref", action="store_true", help="compare with the published numbers (references.yaml)")
+    p.add_argument("--all", action="store_true", help="include unfinished runs (shown in a status column)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    metrics = list(dict.fromkeys(m for arg in args.metrics for m in arg.split(",") if m))
+    try:
+        if args.paths:
+            records = collect_from_results(args.paths, args.all)
+            where = "results.json files in " + ", ".join(args.paths)
+        else:
+            records = collect_from_mlflow(args.experiment, args.parent, args.filter, args.tracking_uri,
+                                          args.all)
+            what = f"children of run {args.parent}" if args.parent else f"experiment {args.experiment!r}"
+            where = f"MLflow {what} at {resolve_tracking_uri(args.tracking_uri)}"
+        if not records:
+            raise UserError(f"no {'' if args.all else 'finished '}runs found in {where}")
+        rows = summarise(records, metrics, load_references() if args.ref else None)
+        if args.csv:
+            try:
+                Path(args.csv).write_text(to_csv(rows), encoding="utf-8")
+            except OSError as e:
+                raise UserError(f"cannot write {args.csv}: {e}") from None
+    except UserError as e:
+        print(f"cl-report: {e}", file=sys.stderr)
+        return 2
+    print(f"Runs: {len(records)}, rows: {len(rows)} (mean ± std over seeds); source: {where}\n")
+    print(to_markdown(rows))
+    return 0
