@@ -139,9 +139,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
             acc.append(nan_row()), acc_til.append(nan_row())
             acc[i][: len(row)], acc_til[i][: len(row_til)] = row, row_til
             task_s.append(time.perf_counter() - t0)
-            step = tracker.log_task(i, acc, acc_til, method.capacity(), task_s[-1], {f"time/task_{i}_s": task_s[-1]})
+            tracker.log_task(i, acc, acc_til, method.capacity(), task_s[-1], {f"time/task_{i}_s": task_s[-1]})
             progress.done(i, acc[i], acc_til[i], task_s[-1])
-            del step
         status = "finished"
     except UserError as e:  # e.g. capacity exhausted: keep every finished row
         error = str(e)
@@ -159,13 +158,13 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
             metrics["final/fwt_til"] = forward_transfer(before_til, random_til)
         metrics["time/total_s"] = time.perf_counter() - t_start
         metrics.update({f"time/task_{i}_s": s for i, s in enumerate(task_s)})
-        artifacts = write_artifacts(run_dir, cfg, acc, acc_til, tracker.state["capacity"]) if acc else {}
+        artifacts = write_artifacts(run_dir, cfg, acc, acc_til, tracker.state["capacity"], method) if acc else {}
         tracker.finish(metrics, artifacts, status, error)
     print_summary(acc, acc_til, metrics, run_dir)
     return metrics["final/avg_acc"]
 
 
-def write_artifacts(run_dir: Path, cfg, acc, acc_til, capacity) -> dict:
+def write_artifacts(run_dir: Path, cfg, acc, acc_til, capacity, method) -> dict:
     """Matrices (JSON + CSV), heatmap, resolved config, capacity JSON + plot: {mlflow subfolder: dir}."""
     out = run_dir / "artifacts"
     out.mkdir(exist_ok=True)
@@ -179,6 +178,7 @@ def write_artifacts(run_dir: Path, cfg, acc, acc_til, capacity) -> dict:
     if capacity:
         write_json_atomic(out / "capacity.json", capacity)
         plots.capacity_plot(capacity, out / "capacity.png")
+    method.write_artifacts(out)
     return {"": out}
 
 

@@ -96,6 +96,9 @@ class Method(nn.Module):
         """Per-layer usage {layer: {quantity: number}} for methods that allocate capacity."""
         return None
 
+    def write_artifacts(self, folder) -> None:
+        """Method-specific figures/files for the run's artifacts (called once at the end of the run)."""
+
 
 # import every module in this package so their @METHODS.register decorators run
 for _m in pkgutil.iter_modules(__path__):
