@@ -46,6 +46,9 @@ def _hydra_app(cfg: DictConfig) -> float:
     except UserError as e:
         sys.stderr.write(f"cl-run: error: {e}\n")
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # results.json already holds every finished task (status "failed")
+        sys.stderr.write("cl-run: interrupted; the tasks finished so far are in the run folder's results.json\n")
+        sys.exit(130)
 
 
 def main() -> None:

@@ -190,7 +190,8 @@ class MlflowTracker(LocalTracker):
         super().finish(metrics, artifacts, status, error)
         if self.mlflow_run_id is None:
             return
-        self._log_metrics(metrics, self.state["tasks_done"])
+        final = {k: v for k, v in metrics.items() if not k.startswith("time/task_")}  # those went out per step
+        self._log_metrics(final, self.state["tasks_done"])
         for sub, folder in artifacts.items():
             self._call(lambda f=folder, s=sub: self.client.log_artifacts(self.mlflow_run_id, str(f), s or None))
         self._call(lambda: self.client.log_artifact(self.mlflow_run_id, str(self.path)))

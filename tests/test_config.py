@@ -79,3 +79,9 @@ def test_cli_errors_are_one_line(tmp_path, cli_env, args, needle):
     assert len(lines) == 1 and lines[0].startswith("cl-run: error:") and needle in lines[0], p.stderr
     assert "Traceback" not in p.stdout + p.stderr
     assert time.monotonic() - t0 < 60
+
+
+def test_help_lists_groups_and_examples(cli_env, tmp_path):
+    p = subprocess.run([cli(), "--help"], cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "method: finetune, joint" in p.stdout and "CL_RUNNER_DATA" in p.stdout and "cl-report" in p.stdout
