@@ -15,8 +15,8 @@ import torch
 def evaluate_tasks(method, stream, task_ids: list, seen_ids: list, batch_size: int) -> tuple[list, list]:
     """Class-IL and task-IL accuracy (percent) on each task in `task_ids`.
 
-    `seen_ids` defines the labels a class-IL prediction may choose from. One forward pass per batch
-    serves both accuracies unless the method's predictions depend on the task id.
+    `seen_ids` defines the labels a class-IL prediction may choose from. `method.predict_pair` gives
+    both logits from one forward pass where the method allows it.
     """
     model = method.model
     was_training = model.training
@@ -33,8 +33,7 @@ def evaluate_tasks(method, stream, task_ids: list, seen_ids: list, batch_size: i
         c_til = torch.zeros_like(c_cil)
         for s in range(0, len(y), batch_size):
             xb, yb = x[s:s + batch_size], y[s:s + batch_size]
-            logits = method.predict(xb)
-            logits_til = method.predict(xb, j) if method.task_aware_predict else logits
+            logits, logits_til = method.predict_pair(xb, j)
             c_cil += (logits.masked_fill(~seen, float("-inf")).argmax(1) == yb).sum()
             c_til += (logits_til[:, lo:hi].argmax(1) + lo == yb).sum()
         counts.append(torch.stack([c_cil, c_til, torch.tensor(len(y), device=method.device)]))

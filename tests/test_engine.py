@@ -64,13 +64,13 @@ def test_class_and_task_il_from_one_forward_pass(make_cfg):
     stream = build_stream(cfg, torch.device("cpu"))
 
     class AlwaysFirstLabel:  # predicts label 0 for every input: right on class 0 only
-        device, task_aware_predict, model = torch.device("cpu"), False, torch.nn.Identity()
+        device, model = torch.device("cpu"), torch.nn.Identity()
 
-        def predict(self, x, task_id=None):
+        def predict_pair(self, x, task_id):
             logits = torch.zeros(len(x), stream.n_outputs)
             logits[:, 0] = 1.0
             logits[:, 2::2] = 0.5  # second best: the first label of every later task
-            return logits
+            return logits, logits
 
     acc, acc_til = evaluate_tasks(AlwaysFirstLabel(), stream, [0, 1], [0, 1], 7)
     for j, (a, t) in enumerate(zip(acc, acc_til)):

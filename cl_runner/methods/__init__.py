@@ -97,6 +97,13 @@ class Method(nn.Module):
         """Logits over the whole label space; task-agnostic when task_id is None."""
         return self.model(x)
 
+    @torch.no_grad()
+    def predict_pair(self, x: torch.Tensor, task_id: int) -> tuple:
+        """(task-agnostic logits, task-aware logits for `task_id`) for evaluation. Methods whose
+        task-aware prediction only masks the head override this to share one forward pass."""
+        logits = self.predict(x)
+        return logits, (self.predict(x, task_id) if self.task_aware_predict else logits)
+
     def capacity(self) -> dict | None:
         """Per-layer usage {layer: {quantity: number}} for methods that allocate capacity."""
         return None
