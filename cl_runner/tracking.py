@@ -190,7 +190,8 @@ class MlflowTracker(LocalTracker):
         super().finish(metrics, artifacts, status, error)
         if self.mlflow_run_id is None:
             return
-        final = {k: v for k, v in metrics.items() if not k.startswith("time/task_")}  # those went out per step
+        # per-task times and capacity already went out with their step; the rest are end-of-run figures
+        final = {k: v for k, v in metrics.items() if not k.startswith(("time/task_", "capacity/"))}
         self._log_metrics(final, self.state["tasks_done"])
         for sub, folder in artifacts.items():
             self._call(lambda f=folder, s=sub: self.client.log_artifacts(self.mlflow_run_id, str(f), s or None))

@@ -2,9 +2,10 @@
 """Time the split-MNIST finetune protocol end to end, as a user runs it (`make bench`).
 
 Each figure is the wall clock around a `cl-run +experiment=finetune_split_mnist progress=off ...`
-subprocess (median of --repeats, after one untimed warm-up run that fills the data cache), plus the
-per-task seconds that the run itself writes to results.json. Runs go to a temporary outputs folder,
-so the user's outputs/ and MLflow database are left alone. Appends a dated section to BENCHMARKS.md.
+subprocess (median of --repeats, conditions interleaved, after one untimed warm-up run that fills the
+data cache), plus the per-task seconds that the run itself writes to results.json. Runs go to a
+temporary outputs folder, so the user's outputs/ and MLflow database are left alone. Appends a dated
+section to BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -28,14 +30,19 @@ MNIST_TRAIN = 60000  # training images over the 5 tasks
 HEADER = """# Benchmarks
 
 `make bench` (`scripts/bench.py`) times the split-MNIST finetune protocol (`+experiment=finetune_split_mnist`:
-MLP 784-400-400-10, SGD lr 0.01, batch 128, 4 epochs per task, 5 tasks) end to end, as a user runs it: the
-wall clock around a `cl-run ... progress=off` subprocess, start-up included, median of N repeats after one
-untimed warm-up run that fills the data cache. *s/epoch* and *samples/s* come from `timings.task_s` in
-`results.json` (training plus the evaluation after each task; 60000 training images x 4 epochs).
-*in-process* is `time/total_s` (from `run()` to the results file; wall minus it = interpreter, imports,
-Hydra and exit). MLflow rows: `tracking=mlflow` into a fresh SQLite database each repeat (*first
-database*), then once more into an existing one; Δ is against the local row on the same device.
-Timings on a shared machine are noisy; compare sections taken on the same machine only. Newest last.
+MLP 784-400-400-10, SGD lr 0.01, batch 128, 4 epochs per task, 5 tasks) end to end, as a user runs it:
+the wall clock around a `cl-run ... progress=off` subprocess, start-up included, median of N repeats
+(conditions interleaved) after one untimed warm-up run that fills the data cache.
+
+- *s/epoch* and *samples/s*: from `timings.task_s` in `results.json` (training plus the evaluation
+  after each task; 60000 training images x 4 epochs).
+- *in-process*: `time/total_s`, from the start of `run()` until training and evaluation end; *outside
+  it*: wall minus that (interpreter, Hydra, `import torch`, the artifacts and their matplotlib plots, exit).
+- MLflow rows: `tracking=mlflow` into a fresh SQLite database each repeat (*first database*), then once
+  more into an existing one; Δ is against the local row on the same device.
+
+Timings on a shared machine are noisy (each section says how busy the machine was); compare sections
+taken on the same machine only. Newest last.
 """
 
 
@@ -67,17 +74,16 @@ def cl_run(overrides: list, env: dict, timeout: float) -> dict:
     task_s, cfg, m = res["timings"]["task_s"], res["config"], res["metrics"]
     epochs = cfg["method"]["epochs"]
     train = sum(task_s)
-    return {"wall": wall, "total": m["time/total_s"], "epoch": train / (epochs * len(task_s)),
+    return {"wall": wall, "total": m["time/total_s"], "outside": wall - m["time/total_s"],
+            "epoch": train / (epochs * len(task_s)),
             "sps": MNIST_TRAIN * (1 - cfg["dataset"]["val_fraction"]) * epochs / train,
             "acc": (m["final/avg_acc"], m["final/avg_acc_til"])}
 
 
-def repeat(n: int, label: str, fn) -> list:
-    out = []
-    for i in range(n):
-        out.append(fn(i))
-        wall = out[-1]["wall"] if isinstance(out[-1], dict) else out[-1]
-        print(f"  {label} {i + 1}/{n}: {wall:.2f}s", file=sys.stderr, flush=True)
+def step(label: str, fn):
+    """Run one measurement and report it on stderr as it finishes (a full bench takes minutes)."""
+    out = fn()
+    print(f"  {label}: {out['wall'] if isinstance(out, dict) else out:.2f}s", file=sys.stderr, flush=True)
     return out
 
 
@@ -90,6 +96,17 @@ def machine(env: dict, timeout: float) -> dict:
     git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
     return {**info, "cpu": cpu, "nproc": len(os.sched_getaffinity(0)), "python": sys.version.split()[0],
             "git": git.stdout.strip() or "no commit"}
+
+
+def cpu_busy() -> tuple[float, float, float]:
+    """(wall, CPU-seconds used by the whole machine, CPU-seconds used by this process and its children)."""
+    try:  # /proc/stat cpu line: user nice system idle iowait irq softirq steal ...
+        j = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        machine_s = (sum(j) - j[3] - j[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        machine_s = float("nan")
+    own = os.times()
+    return time.perf_counter(), machine_s, own.user + own.system + own.children_user + own.children_system
 
 
 def table(rows: list) -> str:
@@ -124,6 +141,8 @@ def main() -> None:
     if not CL_RUN.exists():
         fail(f"no cl-run next to {sys.executable}; install the package first (make install)")
 
+    load0, busy0 = os.getloadavg()[0], cpu_busy()  # other work on the machine makes the figures noisy
+    signal.signal(signal.SIGTERM, lambda *_: fail("terminated"))  # still kill the running child, remove tmp
     tmp = Path(tempfile.mkdtemp(prefix="cl_bench_"))
     env = {**os.environ, "CL_RUNNER_DATA": str(data), "CL_RUNNER_OUTPUTS": str(tmp)}
     try:
@@ -138,16 +157,21 @@ def main() -> None:
 
         print(f"bench: {info['cpu']} x{info['nproc']}, torch {info['torch']}, {n} repeat(s); outputs in {tmp}",
               file=sys.stderr)
-        local, rows = {}, []
+        local, first, rows = {dev: [] for dev in devices}, [], []
         for dev in devices:
-            repeat(1, f"warm-up {dev} (fills the data cache)", lambda i: run(dev, "tracking=local"))
-            local[dev] = repeat(n, f"local {dev}", lambda i: run(dev, "tracking=local"))
-        first = repeat(n, f"mlflow {ref_dev}, first database",
-                       lambda i: run(ref_dev, "tracking=mlflow", f"mlflow.uri=sqlite:///{tmp}/mlflow_{i}.db"))
-        existing = repeat(1, f"mlflow {ref_dev}, existing database",
-                          lambda i: run(ref_dev, "tracking=mlflow", f"mlflow.uri=sqlite:///{tmp}/mlflow_{n - 1}.db"))
-        cfg_job = repeat(n, "cl-run --cfg job", lambda i: timed([CL_RUN, *PROTOCOL, "--cfg", "job"], env, args.timeout)[0])
-        imp = {m: repeat(n, f"import {m}", lambda i, m=m: timed([sys.executable, "-c", f"import {m}"], env, args.timeout)[0])
+            step(f"warm-up {dev} (fills the data cache)", lambda: run(dev, "tracking=local"))
+        # conditions interleaved, so that a burst of other work on the machine hits them alike
+        db = lambda i: f"mlflow.uri=sqlite:///{tmp}/mlflow_{i}.db"  # noqa: E731
+        for i in range(n):
+            for dev in devices:
+                local[dev].append(step(f"local {dev} {i + 1}/{n}", lambda: run(dev, "tracking=local")))
+            first.append(step(f"mlflow {ref_dev}, first database {i + 1}/{n}",
+                              lambda: run(ref_dev, "tracking=mlflow", db(i))))
+        existing = [step(f"mlflow {ref_dev}, existing database", lambda: run(ref_dev, "tracking=mlflow", db(n - 1)))]
+        cfg_job = [step(f"cl-run --cfg job {i + 1}/{n}", lambda: timed([CL_RUN, *PROTOCOL, "--cfg", "job"], env,
+                                                                    args.timeout)[0]) for i in range(n)]
+        imp = {m: [step(f"import {m} {i + 1}/{n}", lambda: timed([sys.executable, "-c", f"import {m}"], env,
+                                                               args.timeout)[0]) for i in range(n)]
                for m in ("torch", "mlflow")}
 
         get = lambda rs, k: [r[k] for r in rs]  # noqa: E731
@@ -155,6 +179,7 @@ def main() -> None:
             ref = statistics.median(get(local[ref_dev], "wall")) if dev != ref_dev else None
             rows += [(f"`cl-run` local, {dev}: wall (s)", get(local[dev], "wall"), ref, 2),
                      (f"  in-process `time/total_s`, {dev} (s)", get(local[dev], "total"), None, 2),
+                     (f"  outside it (start-up, plots, exit), {dev} (s)", get(local[dev], "outside"), None, 2),
                      (f"  s/epoch, {dev}", get(local[dev], "epoch"), None, 3),
                      (f"  training samples/s, {dev}", get(local[dev], "sps"), None, 0)]
         ref = statistics.median(get(local[ref_dev], "wall"))
@@ -166,6 +191,8 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+    busy1 = cpu_busy()
+    others = max(0.0, (busy1[1] - busy0[1]) - (busy1[2] - busy0[2])) / (busy1[0] - busy0[0])
     accs = sorted({f"class-IL {a:.2f} % / task-IL {t:.2f} %" for dev in devices for a, t in get(local[dev], "acc")})
     md = table(rows)
     gpu = f", GPU {info['gpu']}" if info["gpu"] else ", no GPU"
@@ -175,9 +202,12 @@ def main() -> None:
         f"Python {info['python']}{gpu}",
         f"- code: {info['git']}; {n} timed run(s) per figure (median; runs in order), after 1 warm-up run"
         + ("; existing-database row is 1 run" if n > 1 else ""),
+        f"- other work on the machine: load average {load0:.2f} at the start; {others:.2f} cores busy with "
+        "other processes on average during the bench" + (" (figures disturbed)" if others > 0.2 else ""),
         f"- final accuracy of the timed local runs (sanity): {'; '.join(accs)}", "", md, ""])
     print(md)
-    print(f"\nfinal accuracy (timed local runs): {'; '.join(accs)}")
+    print(f"\nfinal accuracy (timed local runs): {'; '.join(accs)}"
+          f"\nother work: load {load0:.2f} at start, {others:.2f} cores busy with other processes during the bench")
     if args.no_write or args.quick:
         return
     text = args.output.read_text() if args.output.exists() else HEADER

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as cl-run does; must precede torch's import
+
 SHARED_DATA = Path(os.environ.get("CL_RUNNER_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
