@@ -36,3 +36,15 @@ bench: install          ## time the split-MNIST finetune protocol; appends to BE
 clean:                  ## run folders, MLflow database/artifacts, caches (keeps the venv)
 	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
 	rm -rf multirun .pytest_cache
+
+# SpaceNet paper protocols (Tables 2-3): 10 seeds each on real split MNIST / Fashion-MNIST, one multirun per
+# protocol into outputs/reproduce-spacenet/, then the mean ± std table beside the paper's numbers.
+SPACENET_PROTOCOLS ?= spacenet_split_mnist static_sparse_split_mnist spacenet_rehearsal_split_mnist \
+                      spacenet_split_fmnist static_sparse_split_fmnist spacenet_rehearsal_split_fmnist
+.PHONY: reproduce-spacenet
+reproduce-spacenet: install  ## SpaceNet / Static-SparseNN / SpaceNet-Rehearsal, 10 seeds each, vs the paper
+	@for e in $(SPACENET_PROTOCOLS); do \
+	  CL_RUNNER_DATA=$${CL_RUNNER_DATA:-$(SHARED_DATA)} $(BIN)/cl-run -m +experiment=$$e seed=0,1,2,3,4,5,6,7,8,9 \
+	    tracking=local hardware=cpu progress=off hydra.sweep.dir=outputs/reproduce-spacenet/$$e $(ARGS) || exit 1; \
+	done
+	$(BIN)/cl-report outputs/reproduce-spacenet --ref

@@ -78,6 +78,12 @@ class CNNConfig(ModelConfig):
 
 
 @dataclass
+class CNNWideConfig(ModelConfig):
+    channels: List[int] = key(ge=1)  # the five conv widths (Golkar et al. Tab. 3: 128, 256, 512, 1024, 2048)
+    batch_norm: bool = key()  # BatchNorm between each of convs 1-5 and its ReLU (the paper: yes)
+
+
+@dataclass
 class HardwareConfig:
     device: str = key(choices=("auto", "cpu", "cuda"))
     threads: int = key(ge=0)  # 0 = leave torch's default
@@ -147,7 +153,8 @@ def _in_range(v, meta: dict) -> bool:
 
 
 def layer_counts(model_cfg: DictConfig) -> dict:
-    n_hidden = len(model_cfg.hidden) + (len(model_cfg.channels) if "channels" in model_cfg else 0)
+    # fully convolutional models (cnn_wide) have no `hidden` key
+    n_hidden = len(model_cfg.get("hidden", [])) + (len(model_cfg.channels) if "channels" in model_cfg else 0)
     return {"hidden": n_hidden, "weights": n_hidden + 1}
 
 

@@ -156,6 +156,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         metrics = summary(acc, acc_til) if acc else {}
         if random_til is not None:
             metrics["final/fwt_til"] = forward_transfer(before_til, random_til)
+        if tracker.state["capacity"]:  # the last capacity snapshot is final too (cl-report --metrics capacity/...)
+            metrics.update({f"capacity/{layer}/{q}": float(v) for layer, qs in tracker.state["capacity"][-1].items()
+                            for q, v in qs.items()})
         metrics["time/total_s"] = time.perf_counter() - t_start
         metrics.update({f"time/task_{i}_s": s for i, s in enumerate(task_s)})
         artifacts = write_artifacts(run_dir, cfg, acc, acc_til, tracker.state["capacity"], method) if acc else {}

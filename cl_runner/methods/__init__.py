@@ -41,10 +41,6 @@ class Method(nn.Module):
     def end_epoch(self, task, epoch: int) -> None: ...  # e.g. drop/grow
     def end_task(self, task) -> None: ...
 
-    def augment_batch(self, task, x: torch.Tensor, y: torch.Tensor) -> tuple:
-        """The minibatch actually trained on (e.g. with replayed samples appended); default: as is."""
-        return x, y
-
     # -- building blocks -------------------------------------------------------------------------
     def make_optimizer(self, params, lr: float | None = None) -> torch.optim.Optimizer:
         lr = self.hp.lr if lr is None else lr
@@ -68,8 +64,7 @@ class Method(nn.Module):
             total = torch.zeros((), device=self.device)
             for start in range(0, n, bs):
                 idx = order[start:start + bs]
-                x, y = self.augment_batch(task, split.x[idx], split.y[idx])
-                loss = self.loss(self.model(x), y, task)
+                loss = self.loss(self.model(split.x[idx]), split.y[idx], task)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.after_backward(task)

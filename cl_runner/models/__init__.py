@@ -1,4 +1,5 @@
-"""Networks: `mlp` and `cnn` (the 4-conv network of Zenke et al. 2017), single or multi-head.
+"""Networks: `mlp`, `cnn` (the 4-conv network of Zenke et al. 2017) and `cnn_wide` (the fully
+convolutional network of Golkar et al. 2019, Tab. 3), single or multi-head.
 
 Both end in one output layer `out` over the stream's whole label space. A multi-head model is the same
 layer read per task: each task's head is the block of rows of its classes, its loss and task-IL
@@ -12,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from ..config import CNNConfig, MLPConfig
+from ..config import CNNConfig, CNNWideConfig, MLPConfig
 from ..errors import ConfigError
 from ..registry import MODELS
 
@@ -85,6 +86,46 @@ class CNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.features(x))
+
+
+@MODELS.register("cnn_wide", CNNWideConfig)
+class CNNWide(nn.Module):
+    """Golkar et al. (2019) Tab. 3: conv c0 (3x3, s1, p1) → c1 (s2, p0) → c2 (s1, p0) → c3 (s2, p1) →
+    c4 (s1, p0), each followed by BatchNorm then ReLU, → conv `out` (3x3, s1, p0, one channel per output)
+    → global average pool. On 32x32 inputs: 32 → 32 → 15 → 13 → 7 → 5 → 3 → 1. No dense layers, so
+    `hidden` is empty; `norms[i]` follows `convs[i]` (Identity when batch_norm is off)."""
+
+    STRIDE_PAD = ((1, 1), (2, 0), (1, 0), (2, 1), (1, 0))
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        _check_head(cfg)
+        if len(cfg.model.channels) != 5:
+            raise ConfigError(f"model.channels must list 5 conv widths for cnn_wide, got {list(cfg.model.channels)}")
+
+    def __init__(self, mcfg, input_shape: tuple, n_outputs: int):
+        super().__init__()
+        widths, bn = [input_shape[0], *mcfg.channels], mcfg.batch_norm
+        # with BatchNorm right after, a conv bias would only duplicate BatchNorm's shift
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=s, padding=p, bias=not bn)
+                                   for a, b, (s, p) in zip(widths[:-1], widths[1:], self.STRIDE_PAD))
+        self.norms = nn.ModuleList(nn.BatchNorm2d(c) if bn else nn.Identity() for c in mcfg.channels)
+        self.hidden = nn.ModuleList()
+        self.out = nn.Conv2d(widths[-1], n_outputs, 3)
+        size = min(input_shape[1:])
+        for s, p in (*self.STRIDE_PAD, (1, 0)):
+            size = (size + 2 * p - 3) // s + 1
+        if size < 1:
+            raise ConfigError(f"model=cnn_wide needs inputs of at least 23x23 pixels (six 3x3 convs, two of stride 2), "
+                              f"got {tuple(input_shape[1:])}")
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        for conv, norm in zip(self.convs, self.norms):
+            x = torch.relu(norm(conv(x)))
+        return x  # [N, c4, h, w]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.features(x)).mean((2, 3))  # global average pool → [N, n_outputs]
 
 
 def build_model(cfg, stream) -> nn.Module:
