@@ -24,7 +24,7 @@ from ..config import MethodConfig, key
 from ..data import Split
 from ..errors import CapacityError, ConfigError
 from ..models.sparse import FREE, SparseLinear, make_sparse
-from . import METHODS, Method
+from . import METHODS, Method, spacenet_plots
 
 
 @dataclass
@@ -236,8 +236,8 @@ class SpaceNet(Method):
         for n in range(L + 1):
             getattr(self, f"imp_{n}").zero_()
         self._refresh_masks(t)
-        if self.hp.figures and t == min(1, len(self.stream.tasks) - 1) and L > 2:  # Fig. 5 (a)
-            self.figdata["fig5"] = {"task": t, "before": self._block(1, t)}
+        if self.hp.figures:
+            spacenet_plots.capture_allocation(self, t)
 
     def _sel_in(self, l: int) -> torch.Tensor:
         s = self.selected(l)
@@ -247,11 +247,6 @@ class SpaceNet(Method):
         """Free positions whose two ends are both selected neurons of this task."""
         m = self.layers[l]
         return self.selected(l + 1)[:, None] & self._sel_in(l)[None, :] & m.free()
-
-    def _block(self, l: int, t: int) -> torch.Tensor:
-        """Task-t connections of layer l between its selected neurons (Fig. 5)."""
-        rows, cols = self.selected(l + 1).nonzero().squeeze(1), self._sel_in(l).nonzero().squeeze(1)
-        return self.layers[l].owned_by(t)[rows][:, cols].cpu()
 
     # -- step 2-3: training and importance ---------------------------------------------------------
     def after_backward(self, task) -> None:
@@ -339,7 +334,7 @@ class SpaceNet(Method):
                 score = self.imp(n).masked_fill(~self.selected(n), float("-inf"))
                 self.layers[n - 1].unit_owner[score.topk(k).indices] = t
         if self.hp.figures:
-            self._capture_figures(task, t)
+            spacenet_plots.capture_trained(self, task, t)
         if self.hp.set_aside:  # old classes' rows are absent while later tasks train [release]
             out = self.layers[-1].weight.data
             rows = torch.as_tensor(task.classes, device=self.device)
@@ -387,24 +382,6 @@ class SpaceNet(Method):
         return {name: m.capacity(T, units=l < len(self.layers) - 1)
                 for l, (name, m) in enumerate(zip(self.names, self.layers))}
 
-    @torch.no_grad()
-    def _capture_figures(self, task, t: int) -> None:
-        fig5 = self.figdata.get("fig5")
-        if fig5 is not None and fig5["task"] == t:  # Fig. 5 (b)
-            fig5["after"] = self._block(1, t)
-        if t == 0 and hasattr(self.model, "act"):  # Fig. 4: 50 test samples of each class of task 1
-            y = task.test.y
-            idx = torch.cat([(y == c).nonzero().squeeze(1)[:50] for c in task.classes[:2]])
-            acts = []
-            hook = self.model.act.register_forward_hook(lambda mod, i, o: acts.append(o.detach().cpu()))
-            self.model.eval()
-            self.model.features(task.test.x[idx])
-            self.model.train()
-            hook.remove()
-            self.figdata["fig4"] = acts
-
     def write_artifacts(self, folder) -> None:
         if self.hp.figures:
-            from .spacenet_plots import write_figures
-
-            write_figures(self, folder)
+            spacenet_plots.write_figures(self, folder)

@@ -10,7 +10,41 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
+
 from ..plots import _plt
+
+
+def _block(method, l: int, t: int) -> torch.Tensor:
+    """Task-t connections of weight layer l between the task's selected neurons."""
+    rows, cols = method.selected(l + 1).nonzero().squeeze(1), method._sel_in(l).nonzero().squeeze(1)
+    return method.layers[l].owned_by(t)[rows][:, cols].cpu()
+
+
+def capture_allocation(method, t: int) -> None:
+    """Fig. 5 (a): the second task's connections between the hidden layers as allocated."""
+    if t == min(1, len(method.stream.tasks) - 1) and len(method.layers) > 2:
+        method.figdata["fig5"] = {"task": t, "before": _block(method, 1, t)}
+
+
+@torch.no_grad()
+def capture_trained(method, task, t: int) -> None:
+    """Fig. 5 (b) after the same task's training; Fig. 4 after the first task (MLPs)."""
+    fig5 = method.figdata.get("fig5")
+    if fig5 is not None and fig5["task"] == t:
+        fig5["after"] = _block(method, 1, t)
+    model = method.model
+    if t == 0 and hasattr(model, "act"):  # 50 test samples of each of the task's first two classes
+        y = task.test.y
+        idx = torch.cat([(y == c).nonzero().squeeze(1)[:50] for c in task.classes[:2]])
+        acts = []  # the MLP applies its one activation module after every hidden layer
+        hook = model.act.register_forward_hook(lambda mod, i, o: acts.append(o.detach().cpu()))
+        was_training = model.training
+        model.eval()
+        model.features(task.test.x[idx])
+        model.train(was_training)
+        hook.remove()
+        method.figdata["fig4"] = acts
 
 
 def write_figures(method, folder: Path) -> None:
