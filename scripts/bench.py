@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Time the split-MNIST finetune protocol end to end, as a user runs it (`make bench`).
+"""Time a split-MNIST protocol end to end, as a user runs it (`make bench`; `--experiment` picks it).
 
-Each figure is the wall clock around a `cl-run +experiment=finetune_split_mnist progress=off ...`
+Each figure is the wall clock around a `cl-run +experiment=<protocol> progress=off ...`
 subprocess (median of --repeats, conditions interleaved, after one untimed warm-up run that fills the
 data cache), plus the per-task seconds that the run itself writes to results.json. Runs go to a
 temporary outputs folder, so the user's outputs/ and MLflow database are left alone. Appends a dated
@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CL_RUN = Path(sys.executable).parent / "cl-run"
-PROTOCOL = ["+experiment=finetune_split_mnist", "progress=off"]
+PROTOCOL = ["+experiment=finetune_split_mnist", "progress=off"]  # --experiment replaces the first item
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 MNIST_TRAIN = 60000  # training images over the 5 tasks
 HEADER = """# Benchmarks
@@ -128,7 +128,11 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print the table only; do not append to BENCHMARKS.md")
     ap.add_argument("--timeout", type=float, default=600, help="seconds allowed per subprocess (default 600)")
     ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="file to append to")
+    ap.add_argument("--experiment", default="finetune_split_mnist",
+                    help="conf/experiment protocol on split MNIST to time (default finetune_split_mnist)")
+    ap.add_argument("--no-mlflow", action="store_true", help="skip the MLflow rows (local tracking only)")
     args = ap.parse_args()
+    PROTOCOL[0] = f"+experiment={args.experiment}"
     n = 1 if args.quick else args.repeats
     if n < 1:
         fail("--repeats must be at least 1")
@@ -165,9 +169,11 @@ def main() -> None:
         for i in range(n):
             for dev in devices:
                 local[dev].append(step(f"local {dev} {i + 1}/{n}", lambda: run(dev, "tracking=local")))
-            first.append(step(f"mlflow {ref_dev}, first database {i + 1}/{n}",
-                              lambda: run(ref_dev, "tracking=mlflow", db(i))))
-        existing = [step(f"mlflow {ref_dev}, existing database", lambda: run(ref_dev, "tracking=mlflow", db(n - 1)))]
+            if not args.no_mlflow:
+                first.append(step(f"mlflow {ref_dev}, first database {i + 1}/{n}",
+                                  lambda: run(ref_dev, "tracking=mlflow", db(i))))
+        existing = [] if args.no_mlflow else [
+            step(f"mlflow {ref_dev}, existing database", lambda: run(ref_dev, "tracking=mlflow", db(n - 1)))]
         cfg_job = [step(f"cl-run --cfg job {i + 1}/{n}", lambda: timed([CL_RUN, *PROTOCOL, "--cfg", "job"], env,
                                                                     args.timeout)[0]) for i in range(n)]
         imp = {m: [step(f"import {m} {i + 1}/{n}", lambda: timed([sys.executable, "-c", f"import {m}"], env,
@@ -183,9 +189,10 @@ def main() -> None:
                      (f"  s/epoch, {dev}", get(local[dev], "epoch"), None, 3),
                      (f"  training samples/s, {dev}", get(local[dev], "sps"), None, 0)]
         ref = statistics.median(get(local[ref_dev], "wall"))
-        rows += [(f"`cl-run` mlflow, first database, {ref_dev}: wall (s)", get(first, "wall"), ref, 2),
-                 (f"`cl-run` mlflow, existing database, {ref_dev}: wall (s)", get(existing, "wall"), ref, 2),
-                 ("`cl-run --cfg job` (start-up, no torch) (s)", cfg_job, None, 2),
+        if not args.no_mlflow:
+            rows += [(f"`cl-run` mlflow, first database, {ref_dev}: wall (s)", get(first, "wall"), ref, 2),
+                     (f"`cl-run` mlflow, existing database, {ref_dev}: wall (s)", get(existing, "wall"), ref, 2)]
+        rows += [("`cl-run --cfg job` (start-up, no torch) (s)", cfg_job, None, 2),
                  ("`python -c 'import torch'` (s)", imp["torch"], None, 2),
                  ("`python -c 'import mlflow'` (s)", imp["mlflow"], None, 2)]
     finally:
@@ -197,11 +204,11 @@ def main() -> None:
     md = table(rows)
     gpu = f", GPU {info['gpu']}" if info["gpu"] else ", no GPU"
     section = "\n".join([
-        f"## {datetime.now():%Y-%m-%d %H:%M}: {info['cpu']}, {info['nproc']} cores{gpu}", "",
+        f"## {datetime.now():%Y-%m-%d %H:%M}: `{args.experiment}`, {info['cpu']}, {info['nproc']} cores{gpu}", "",
         f"- machine: {info['cpu']}; nproc {info['nproc']}; torch {info['torch']} ({info['threads']} threads); "
         f"Python {info['python']}{gpu}",
         f"- code: {info['git']}; {n} timed run(s) per figure (median; runs in order), after 1 warm-up run"
-        + ("; existing-database row is 1 run" if n > 1 else ""),
+        + ("; existing-database row is 1 run" if n > 1 and not args.no_mlflow else ""),
         f"- other work on the machine: load average {load0:.2f} at the start; {others:.2f} cores busy with "
         "other processes on average during the bench" + (" (figures disturbed)" if others > 0.2 else ""),
         f"- final accuracy of the timed local runs (sanity): {'; '.join(accs)}", "", md, ""])

@@ -106,6 +106,21 @@ class Method(nn.Module):
     def write_artifacts(self, folder) -> None:
         """Method-specific figures/files for the run's artifacts (called once at the end of the run)."""
 
+    # -- checkpoints: state that is not a parameter or buffer rides in the state_dict as extra state --
+    def extra_state(self) -> dict:
+        """Plain state a method keeps outside buffers (its own RNGs, figure data); tensors, numbers,
+        strings, lists and dicts only (checkpoints load with weights_only)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None: ...
+
+    def get_extra_state(self) -> dict:
+        return {"shuffle_gen": self.shuffle_gen.get_state(), "method": self.extra_state()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.shuffle_gen.set_state(state["shuffle_gen"])
+        self.load_extra_state(state["method"])
+
 
 # import every module in this package so their @METHODS.register decorators run
 for _m in pkgutil.iter_modules(__path__):

@@ -18,6 +18,7 @@ exactly the features old tasks compute at test time), and each batch's update of
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import List
@@ -30,6 +31,7 @@ from ..config import MethodConfig, key
 from ..errors import CapacityError, ConfigError
 from . import METHODS, Method
 
+log = logging.getLogger("cl_runner")
 
 @dataclass
 class CLNPConfig(MethodConfig):
@@ -333,8 +335,8 @@ class CLNP(Method):
             n = len(self.tags[-1])
             if hp.depleted == "stop":
                 raise CapacityError(f"clnp: all {n} neurons of the last hidden layer ({self.names[-1]}) are taken "
-                                    f"after {t} tasks, none left for task {t + 1}; the finished tasks are kept "
-                                    "(widen the layer, or raise method.margin / method.l1)")
+                                    f"after {t} tasks, none left for task {t + 1}; the finished tasks are kept (widen "
+                                    "the layer, raise method.margin / method.l1, or train longer for sparser tasks)")
             core = False  # Sec. 2.1: a depleted multi-head network trains like last-layer transfer
         if t > 0 and hp.reinit_free:
             self._reinit_free()
@@ -356,6 +358,10 @@ class CLNP(Method):
                 gates = None if self.multi_head else [None] * (self.L - 1) + [(self.tags[-1] == t).float()]
                 self.val_acc[2] = self._pass(task.val, task, gates)
             self.task.fill_(t)
+            cap = self.capacity()
+            log.info("clnp task %d: %s | val %.2f -> %.2f (%d passes)%s", t + 1, ", ".join(
+                f"{n} {cap[n]['used_pct']:.1f}% used (+{cap[n]['new']}, {cap[n]['free']} free)" for n in self.names),
+                best, pruned, int(self.evals), "" if core else " | last hidden layer full: head-only transfer")
         finally:
             self._gates, self._bn, self._train = [None] * self.L, [None] * self.L, []
             for p in self.model.parameters():

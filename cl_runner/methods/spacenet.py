@@ -70,18 +70,19 @@ def _fit(cfg, l: int, n_in: int, n_out: int, total: int, name: str) -> int:
 
 class PlainSGD:
     """w -= lr·g, the release's optimizer (no momentum, no decay), without torch.optim: its first use
-    imports torch._dynamo, 1.5 s of a 5 s run. The base class still rebuilds it per task."""
+    imports torch._dynamo, 1.5 s of a 5 s run. `params` is a callable: the tensors that train change
+    whenever the trained block is re-cut (SparseLinear leaf mode)."""
 
     def __init__(self, params, lr: float):
-        self.params, self.param_groups = list(params), [{"lr": lr}]
+        self.params, self.param_groups = params, [{"lr": lr}]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
+        for p in self.params():
             p.grad = None
 
     @torch.no_grad()
     def step(self) -> None:
-        ps = [p for p in self.params if p.grad is not None]
+        ps = [p for p in self.params() if p.grad is not None]
         torch._foreach_add_(ps, [p.grad for p in ps], alpha=-self.param_groups[0]["lr"])
 
 
@@ -136,6 +137,7 @@ class SpaceNet(Method):
         for l in range(L):
             _fit(cfg, l, sel[l] * self.group[l], sel[l + 1], self.layers[l].owner.numel(), self.names[l])
         self.figdata: dict = {}  # what the paper's figures need, captured on the way (plain data)
+        self._pending: dict = {}  # layer -> Ω increments on self.rows[layer] not yet added (see omega())
 
     def budget(self, l: int) -> int:
         """n_l, the connections task t allocates in weight layer l (step 1)."""
@@ -147,10 +149,21 @@ class SpaceNet(Method):
 
     # -- helpers -------------------------------------------------------------------------------
     def make_optimizer(self, params, lr: float | None = None):
-        return PlainSGD(params, self.hp.lr if lr is None else lr) if self.exact else super().make_optimizer(params, lr)
+        if not self.exact:
+            return super().make_optimizer(params, lr)
+        return PlainSGD(lambda: [p for m in self.layers for p in (m.weight if m.live is None else m.live, m.bias)],
+                        self.hp.lr if lr is None else lr)
 
     def omega(self, l: int) -> torch.Tensor:
-        return getattr(self, f"omega_{l}")
+        """Ω of weight layer l; the increments gathered per step on a block of it are added in first."""
+        om = getattr(self, f"omega_{l}")
+        if l in self._pending:
+            rows, cols, inc = self._pending.pop(l)
+            if cols is None:
+                om.index_add_(0, rows, inc)
+            else:
+                om.index_put_((rows[:, None], cols[None, :]), inc, accumulate=True)
+        return om
 
     def imp(self, n: int) -> torch.Tensor:
         """Neuron importance a_n (0 for reserved neurons), from the accumulated or the current Ω."""
@@ -180,6 +193,8 @@ class SpaceNet(Method):
             self.bmask.append(b.float())
         if not self.exact:  # momentum / weight decay / Adam move zero-grad weights: restore after step
             self.snap = [(m.weight.detach().clone(), m.bias.detach().clone()) for m in self.layers]
+        for l in self.tracked:  # settle Ω on the old rows before the rows change
+            self.omega(l)
         self.rows = {l: self.layers[l].owned_by(t).any(1).nonzero().squeeze(1) for l in self.tracked}
         self.row_sum = {l: self.omega(l).sum(1) for l in self.tracked}
         self.col_sum = self.omega(0).sum(0)
@@ -203,7 +218,7 @@ class SpaceNet(Method):
         for l, m in enumerate(self.layers):
             mine = m.owned_by(t).any(1)
             m.restrict(run_in, (need[l] & mine).nonzero().squeeze(1), (need[l] & ~mine).nonzero().squeeze(1),
-                       self.wmask[l], full_out=l == L - 1)
+                       self.wmask[l], full_out=l == L - 1, leaf=self.exact)
             run_in = m.run_out
 
     # -- step 1: allocation (Alg. 2) ---------------------------------------------------------------
@@ -251,7 +266,9 @@ class SpaceNet(Method):
     # -- step 2-3: training and importance ---------------------------------------------------------
     def after_backward(self, task) -> None:
         for m, wm, bm in zip(self.layers, self.wmask, self.bmask):
-            if getattr(m, "run_out", None) is None:  # a restricted layer masks in its backward
+            if getattr(m, "live", None) is not None:  # the trained block of a restricted layer
+                m.live.grad.mul_(m.block_mask)
+            elif getattr(m, "run_out", None) is None:  # (a restricted non-leaf layer masks in its backward)
                 m.weight.grad.mul_(wm)
             m.bias.grad.mul_(bm)
         if not self.exact:
@@ -264,18 +281,27 @@ class SpaceNet(Method):
                 torch.where(bm.bool(), m.bias.data, b0, out=m.bias.data)
         lr, cumulative = self.optimizer.param_groups[0]["lr"], self.hp.neuron_importance == "cumulative"
         for i, l in enumerate(self.tracked):  # only rows holding task-t connections can change
-            m, rows = self.layers[l], self.rows[l]
-            g = m.weight.grad.index_select(0, rows)
+            m = self.layers[l]
+            if getattr(m, "live", None) is not None:  # the compact block: its rows and columns
+                rows, cols, g = m._rows, m.run_in, m.live.grad
+            else:
+                rows, cols = self.rows[l], None
+                g = m.weight.grad.index_select(0, rows)
             if self.exact:  # plain SGD: Δw = -lr·g exactly, so |Δw·g| = lr·g² (Eq. 2)
                 inc = m.per_connection(g * g).mul_(lr)
             else:
                 inc = m.per_connection(((m.weight.detach().index_select(0, rows) - self.before[i]) * g).abs())
-            self.omega(l).index_add_(0, rows, inc)
+            # Ω += inc, gathered on the block (one scatter when Ω is next read: omega())
+            if l in self._pending:
+                self._pending[l][2].add_(inc)
+            else:
+                self._pending[l] = (rows, cols, inc)  # inc is a fresh tensor each step
             if cumulative:  # a += running Ω every step [release]; Ω's row/column sums kept up to date
                 self.row_sum[l].index_add_(0, rows, inc.sum(1))
                 getattr(self, f"imp_{l + 1}").add_(self.row_sum[l])
                 if l == 0:
-                    self.col_sum.add_(inc.sum(0))
+                    col = inc.sum(0)
+                    self.col_sum.add_(col) if cols is None else self.col_sum.index_add_(0, cols, col)
                     self.imp_0.add_(self.col_sum)
 
     # -- step 4: drop and grow (Alg. 3) ------------------------------------------------------------
@@ -283,6 +309,9 @@ class SpaceNet(Method):
         last, t = epoch == self.hp.epochs - 1, int(self.task)
         rewire = self.hp.rewire and self.hp.r > 0 and (not last or self.hp.rewire_last_epoch)
         reset = self.hp.importance_reset == "epoch" and not last
+        if (rewire or reset) and self.compact:  # the weights are read and changed: trained blocks go back first
+            for m in self.layers:
+                m.commit()
         if rewire:
             for l in range(len(self.layers) - (0 if self.hp.rewire_output else 1)):
                 self._rewire(l, t)
@@ -381,6 +410,13 @@ class SpaceNet(Method):
         T = len(self.stream.tasks)
         return {name: m.capacity(T, units=l < len(self.layers) - 1)
                 for l, (name, m) in enumerate(zip(self.names, self.layers))}
+
+    def extra_state(self) -> dict:
+        return {"gen": self.gen.get_state(), "figdata": self.figdata}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+        self.figdata = state["figdata"]
 
     def write_artifacts(self, folder) -> None:
         if self.hp.figures:

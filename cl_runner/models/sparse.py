@@ -24,6 +24,10 @@ class _Owned:
 
     owner: torch.Tensor
     unit_owner: torch.Tensor
+    live: torch.Tensor | None = None  # SparseLinear leaf mode: the trained block as a tensor of its own
+
+    def commit(self) -> None:
+        """Write a trained block back into the weight (SparseLinear leaf mode; nothing to do otherwise)."""
 
     def _init_ownership(self) -> None:
         out, inp = self.weight.shape[:2]
@@ -103,21 +107,39 @@ class SparseLinear(_Owned, nn.Linear):
     run_out: torch.Tensor | None = None  # output units computed: the trainable rows, then the frozen ones
     full_out: bool = False  # scatter the result back to full width (units not run = their bias)
 
-    def restrict(self, run_in=None, train=None, frozen=None, grad_mask=None, full_out: bool = False) -> None:
-        """Run on rows `train` (masked gradient) + `frozen` (constant) of columns `run_in`; None: whole layer."""
+    def restrict(self, run_in=None, train=None, frozen=None, grad_mask=None, full_out: bool = False,
+                 leaf: bool = False) -> None:
+        """Run on rows `train` (masked gradient) + `frozen` (constant) of columns `run_in`; None: whole layer.
+        leaf=True: the block `weight[train][:, run_in]` becomes a tensor of its own (`live`) that an
+        optimizer updates in place of the weight, with a compact gradient (the caller masks it with
+        `block_mask`); `commit()` writes it back. Otherwise the weight's own gradient is masked here."""
+        self.commit()
         if train is None:
             self.run_in = self.run_out = None
             return
         self.run_in, self.run_out, self.full_out = run_in, torch.cat([train, frozen]), full_out
         self._rows = train
         pick = (lambda w: w) if run_in is None else (lambda w: w.index_select(1, run_in))
-        self._mask = pick(grad_mask.index_select(0, train))
+        self.block_mask = pick(grad_mask.index_select(0, train))
         self._frozen = pick(self.weight.detach().index_select(0, frozen))
+        if leaf:
+            self.live = pick(self.weight.detach().index_select(0, train)).requires_grad_()
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        if self.live is None:
+            return
+        if self.run_in is None:
+            self.weight.index_copy_(0, self._rows, self.live)
+        else:
+            self.weight.index_put_((self._rows[:, None], self.run_in[None, :]), self.live)
+        self.live = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.run_out is None:
             return super().forward(x)
-        w = _GatherMasked.apply(self.weight, self._rows, self.run_in, self._mask)
+        w = self.live if self.live is not None else _GatherMasked.apply(self.weight, self._rows, self.run_in,
+                                                                        self.block_mask)
         y = torch.cat([F.linear(x, w), F.linear(x, self._frozen)], 1) + self.bias.index_select(0, self.run_out)
         if self.full_out:
             y = self.bias.expand(len(x), -1).index_copy(1, self.run_out, y)

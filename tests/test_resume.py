@@ -1,0 +1,112 @@
+"""Crash-safe runs: a run killed with SIGKILL mid-task resumes from its last checkpoint to the same matrices
+as an uninterrupted run, into the same MLflow run; relaunched sweeps skip finished jobs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import cli
+
+# SpaceNet keeps the most state between tasks (masks, importances, its own RNG, figure data); enough
+# epochs on the bundled digits that one task takes about a second, so the kill lands inside task 3
+ARGS = ["method=spacenet", "method.epochs=150", "seed=3", "progress=off", "hardware=cpu", "hardware.threads=1"]
+
+
+def env_for(outputs: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CL_RUNNER_DATA")}
+    env["CL_RUNNER_OUTPUTS"] = str(outputs)
+    return env
+
+
+def cl_run(outputs: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([cli(), *args], cwd=outputs.parent, env=env_for(outputs), capture_output=True, text=True,
+                       timeout=300)
+    if check and p.returncode != 0:
+        pytest.fail(f"cl-run {' '.join(args)} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def results(outputs: Path) -> list:
+    return [json.loads(p.read_text()) for p in sorted(outputs.glob("runs/*/*/results.json"))]
+
+
+def test_sigkill_mid_task_then_resume_gives_the_uninterrupted_matrices(tmp_path):
+    ref_out = tmp_path / "ref" / "outputs"
+    ref_out.parent.mkdir()
+    cl_run(ref_out, *ARGS, "tracking=local")
+    (ref,) = results(ref_out)
+    assert ref["status"] == "finished" and ref["tasks_done"] == 5
+
+    out = tmp_path / "crash" / "outputs"
+    out.parent.mkdir()
+    db = f"sqlite:///{out.parent / 'mlflow.db'}"
+    proc = subprocess.Popen([cli(), *ARGS, "tracking=mlflow", f"mlflow.uri={db}"], cwd=out.parent, env=env_for(out),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        found = results(out) if out.exists() else []
+        if found and found[0]["tasks_done"] >= 2:
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)  # into task 3
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (killed,) = results(out)
+    assert killed["status"] == "running", "the run ended before it could be killed; raise the epochs"
+    assert killed["tasks_done"] == 2, f"killed after {killed['tasks_done']} tasks, not inside task 3"
+    run_dir = Path(killed["run_dir"])
+    assert (run_dir / "checkpoint.pt").exists()
+
+    p = cl_run(out, *ARGS, "tracking=mlflow", f"mlflow.uri={db}", "resume=true")
+    assert f"resuming {run_dir} after task 2 of 5" in p.stderr + p.stdout
+    final = json.loads((run_dir / "results.json").read_text())
+    assert final["status"] == "finished" and final["tasks_done"] == 5 and len(final["resumed"]) == 1
+    assert final["acc"] == ref["acc"]  # bit-identical: the same floats, every row
+    assert final["acc_til"] == ref["acc_til"]
+    assert final["capacity"] == ref["capacity"]
+    assert len(final["timings"]["task_s"]) == 5
+
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=db)
+    runs = c.search_runs([c.get_experiment_by_name("cl_runner").experiment_id])
+    assert len(runs) == 1, "the resumed run must continue the same MLflow run"
+    run = runs[0]
+    assert run.info.run_id == final["mlflow_run_id"] and run.info.status == "FINISHED"
+    hist = c.get_metric_history(run.info.run_id, "acc/task_0")
+    assert sorted(m.step for m in hist) == [1, 2, 3, 4, 5]  # no step twice
+    assert [m.value for m in sorted(hist, key=lambda m: m.step)] == [r[0] for r in ref["acc"]]
+    assert run.data.metrics["final/avg_acc"] == pytest.approx(ref["metrics"]["final/avg_acc"], abs=0)
+
+
+def test_resume_errors_and_fresh_start(tmp_path):
+    out = tmp_path / "outputs"
+    p = cl_run(out, "method.epochs=1", "tracking=local", "progress=off", "resume=true")  # nothing to resume
+    assert "starting a new run" in p.stderr + p.stdout
+    (r,) = results(out)
+    assert r["status"] == "finished"
+    run_dir = r["run_dir"]
+    p = cl_run(out, "method.epochs=1", "tracking=local", f"resume={run_dir}", check=False)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "already finished" in p.stderr
+    p = cl_run(out, "method.epochs=2", "tracking=local", f"resume={run_dir}", check=False)
+    assert p.returncode == 2 and "config differs" in p.stderr
+    p = cl_run(out, "tracking=local", f"resume={tmp_path / 'nowhere'}", check=False)
+    assert p.returncode == 2 and "no results.json" in p.stderr
+
+
+def test_relaunched_sweep_skips_finished_jobs(tmp_path):
+    out = tmp_path / "outputs"
+    sweep = ["-m", "seed=0,1", "method.epochs=1", "tracking=local", "progress=off"]
+    cl_run(out, *sweep)
+    assert len(list(out.glob("multirun/*/*/*/results.json"))) == 2
+    p = cl_run(out, *sweep)
+    assert (p.stdout + p.stderr).count("skipped: this config") == 2
+    assert len(list(out.glob("multirun/*/*/*/results.json"))) == 2  # nothing ran again
+    cl_run(out, *sweep, "skip_finished=false")
+    assert len(list(out.glob("multirun/*/*/*/results.json"))) == 4
