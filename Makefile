@@ -30,10 +30,26 @@ ui: install             ## browse runs at http://127.0.0.1:$(PORT)
 	@mkdir -p outputs
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath outputs)/mlflow.db --host 127.0.0.1 --port $(PORT)
 
+# a shared tracking server: PostgreSQL (installed from Debian's packages if missing) + MLflow, data under
+# $(SERVER_DIR); see scripts/server.sh for its settings and the README ("A shared tracking server")
+SERVER_DIR ?= outputs/server
+SERVER_STAMP := $(VENV)/.cl_runner-server-installed
+.PHONY: server server-stop
+server: $(SERVER_STAMP) ## MLflow server on http://127.0.0.1:$(PORT), PostgreSQL backend, data in $(SERVER_DIR)
+	@SERVER_DIR=$(SERVER_DIR) PORT=$(PORT) MLFLOW=$(BIN)/mlflow bash scripts/server.sh start
+
+$(SERVER_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[server]'
+	@touch $@
+
+server-stop:            ## stop the MLflow server and its PostgreSQL
+	@SERVER_DIR=$(SERVER_DIR) bash scripts/server.sh stop
+
 bench: install          ## time the split-MNIST finetune protocol; appends to BENCHMARKS.md
 	CL_RUNNER_DATA=$${CL_RUNNER_DATA:-$(SHARED_DATA)} $(BIN)/python scripts/bench.py $(ARGS)
 
 clean:                  ## run folders, MLflow database/artifacts, caches (keeps the venv)
+	-@test ! -d $(SERVER_DIR) || SERVER_DIR=$(SERVER_DIR) bash scripts/server.sh stop  # its data goes too
 	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
 	rm -rf multirun .pytest_cache
 

@@ -23,8 +23,9 @@ log = logging.getLogger("cl_runner")
 CKPT = "checkpoint.pt"
 VERSION = 1
 # where run folders live under paths.outputs: single runs (runs/<date>/<time>_...) and sweep jobs
-# (multirun/<date>/<time>/<job>); the copies of results.json among MLflow's artifacts are not runs
-RUN_GLOBS = ("runs/*/*/results.json", "multirun/*/*/*/results.json")
+# (multirun/<date>/<time>/<job>, deeper when an override holds a "/"); the copies of results.json among
+# MLflow's artifacts (mlartifacts/) are not runs
+RUN_GLOBS = ("runs/*/*/results.json", "multirun/**/results.json")
 
 
 def _results(outputs: Path):

@@ -13,9 +13,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from .errors import UserError
+from .launch import missing_plugin, pin_threads
 
 log = logging.getLogger("cl_runner")
-GROUPS = ("method", "dataset", "model", "hardware", "experiment")
+GROUPS = ("method", "dataset", "model", "hardware", "launcher", "experiment", "sweep")
 
 
 def _options(group: str) -> list:
@@ -36,10 +37,18 @@ def precheck(argv: list) -> None:
                 if v and v not in known:
                     sys.stderr.write(f"cl-run: error: unknown {key} {v!r}; available: {', '.join(known)}\n")
                     sys.exit(2)
+                missing = missing_plugin(key, v)
+                if missing:
+                    sys.stderr.write(f"cl-run: error: {missing}\n")
+                    sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://cl_runner.conf", config_name="config")
 def _hydra_app(cfg: DictConfig) -> float:
+    pin_threads(cfg)  # parallel jobs split the cores: OMP/MKL threads must be set before torch loads
+    done = finished_before(cfg)
+    if done is not None:  # a relaunched sweep skips finished jobs before paying for torch and MLflow
+        return done
     from .train import run  # torch is imported here, after Hydra has parsed the command line
 
     try:
@@ -50,6 +59,49 @@ def _hydra_app(cfg: DictConfig) -> float:
     except KeyboardInterrupt:  # results.json already holds every finished task (status "failed")
         sys.stderr.write("cl-run: interrupted; the tasks finished so far are in the run folder's results.json\n")
         sys.exit(130)
+
+
+def finished_before(cfg: DictConfig) -> float | None:
+    """In a multirun with skip_finished: the final accuracy of a finished run with this job's config
+    (results.json under paths.outputs, else the MLflow experiment), or None to run the job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not cfg.get("skip_finished") or cfg.get("resume") not in (False, None) or \
+            str(HydraConfig.get().mode) != "RunMode.MULTIRUN":
+        return None
+    from .checkpoint import find_finished
+    from .tracking import config_hash
+
+    try:
+        h = config_hash(cfg)
+    except Exception:  # noqa: BLE001 - a config that does not resolve: the run reports it properly
+        return None
+    found = find_finished(Path(cfg.paths.outputs), h)
+    if found is None and cfg.tracking == "mlflow":
+        found = _finished_in_mlflow(cfg, h)
+    if found is None:
+        return None
+    log.info("skipped: this config (hash %s) already finished in %s (skip_finished=false runs it again)",
+             h, found.get("run_dir"))
+    return found.get("metrics", {}).get("final/avg_acc", float("nan"))
+
+
+def _finished_in_mlflow(cfg: DictConfig, h: str) -> dict | None:
+    from .tracking import check_reachable, mlflow_client, tracking_uri
+
+    try:
+        uri = tracking_uri(cfg)
+        check_reachable(uri, cfg.mlflow.connect_timeout_s)
+        client = mlflow_client(uri)
+        exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+        runs = [] if exp is None else client.search_runs(
+            [exp.experiment_id], f"tags.config_hash = '{h}' and attributes.status = 'FINISHED'", max_results=1)
+    except Exception:  # noqa: BLE001 - no answer is no evidence: the job runs (and reports the server)
+        return None
+    if not runs:
+        return None
+    r = runs[0]
+    return {"run_dir": f"MLflow run {r.info.run_id}", "metrics": r.data.metrics}
 
 
 def main() -> None:

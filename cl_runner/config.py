@@ -115,8 +115,10 @@ class EvalConfig:
 class RunConfig:
     seed: int = key(ge=0)
     tracking: str = key(choices=("mlflow", "local"))
-    resume: Any = key()
+    resume: Any = key()  # false | true (newest unfinished run with this config) | a run folder
     progress: str = key(choices=("auto", "bar", "log", "off"))
+    checkpoint: bool = key()  # write checkpoint.pt at every task boundary
+    skip_finished: bool = key()  # multirun: skip a job whose config already has a finished run
 
 
 # top-level sections besides method / dataset / model, each with its own schema
@@ -217,7 +219,12 @@ def validate(cfg: DictConfig) -> DictConfig:
     dataset_cls = DATASETS.get(cfg.dataset.name)
     method_cls = METHODS.get(cfg.method.name)
 
-    top = {k: v for k, v in cfg.items() if k not in ("method", "dataset", "model", *SECTIONS)}
+    top = {k: v for k, v in cfg.items() if k not in ("method", "dataset", "model", "launcher", *SECTIONS)}
+    # conf/launcher/: each preset has its own keys (they feed hydra.launcher), so only the name is checked
+    launcher = cfg.get("launcher")
+    if launcher is not None and not (isinstance(launcher, DictConfig) and isinstance(launcher.get("name"), str)):
+        raise ConfigError(f"launcher must be a preset with a name (launcher=local|local_parallel|slurm|ray), "
+                          f"got {launcher!r}")
     sections = {"config": check_section("", RunConfig, OmegaConf.create(top))}
     for name, schema in SECTIONS.items():
         if name not in cfg:
@@ -232,13 +239,14 @@ def validate(cfg: DictConfig) -> DictConfig:
     out = OmegaConf.create(OmegaConf.to_container(sections.pop("config")))
     for name, node in sections.items():
         out[name] = OmegaConf.to_container(node)
+    if launcher is not None:
+        out["launcher"] = OmegaConf.to_container(launcher)
     # cross-section checks owned by the components themselves
     for obj in (dataset_cls, model_cls, method_cls):
         check = getattr(obj, "check_config", None)
         if check is not None:
             check(out)
-    if out.resume not in (False, None):
-        raise ConfigError("resume is not available yet (checkpointing lands with the sweeps/resume issue); "
-                          "leave resume=false")
+    if out.resume is not True and out.resume not in (False, None) and not isinstance(out.resume, str):
+        raise ConfigError(f"resume={out.resume!r} must be false, true or a run folder")
     OmegaConf.set_struct(out, True)
     return out

@@ -5,6 +5,13 @@ import math
 from pathlib import Path
 
 
+def prewarm() -> None:
+    """Import matplotlib in a background thread while the run trains (0.6 s of the artifacts' time)."""
+    import threading
+
+    threading.Thread(target=_plt, daemon=True, name="matplotlib-import").start()
+
+
 def _plt():
     import matplotlib
 
@@ -28,8 +35,9 @@ def accuracy_heatmap(acc: list, acc_til: list, path: Path) -> None:
                             color="white" if v < 60 else "black")
         ax.set(title=f"{title} accuracy (%)", xlabel="evaluated on task", ylabel="after training task",
                xticks=range(len(R[0])), yticks=range(len(R)))
+    fig.subplots_adjust(left=0.07, right=0.9, bottom=0.12, top=0.88, wspace=0.25)  # no tight bbox: a 2nd draw
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -44,6 +52,6 @@ def capacity_plot(capacity: list, path: Path) -> None:
             ax.plot(steps, [c.get(layer, {}).get(q, float("nan")) for c in capacity], marker="o", label=q)
         ax.set(title=layer, xlabel="tasks trained", xticks=list(steps))
         ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.3 / len(layers), right=0.98, bottom=0.16, top=0.9, wspace=0.3)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -3,6 +3,7 @@
     cl-report outputs/runs                     # every results.json under a folder (tracking=local)
     cl-report --experiment cl_runner --ref     # MLflow, beside the published numbers in references.yaml
     cl-report --parent <sweep run id> --metrics capacity/fc1/used_frac --csv table.csv
+    cl-report --sync outputs --tracking-uri http://127.0.0.1:5000   # upload what a dead server missed
 
 A row is a method × dataset (config names) plus every config key that takes more than one value
 within that method × dataset (the swept keys), so seeds are what a row averages over.
@@ -306,11 +307,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="also write the table to this CSV file (mean and std in separate columns)")
     p.add_argument("--ref", action="store_true", help="compare with the published numbers (references.yaml)")
     p.add_argument("--all", action="store_true", help="include unfinished runs (shown in a status column)")
+    p.add_argument("--sync", action="store_true", help="upload to MLflow (--tracking-uri) what these runs' "
+                   "results.json hold and the server missed (default: outputs/); see cl_runner/sync.py")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.sync:
+        from .sync import main as sync
+
+        return sync(args.paths, resolve_tracking_uri(args.tracking_uri))
     metrics = list(dict.fromkeys(m for arg in args.metrics for m in arg.split(",") if m))
     try:
         if args.paths:

@@ -9,7 +9,8 @@ and if it goes away mid-run the run goes on with the results file only.
 results.json (schema_version 1): status (running|finished|failed), config (resolved), config_hash,
 choices (config-group names), overrides, run_dir, mlflow_run_id, tasks_done, n_tasks, acc and acc_til
 (matrices, null = not evaluated), metrics (final values, MLflow names), capacity (one entry per task),
-timings {total_s, task_s: [...]}, started / updated (ISO times), error (message when failed).
+timings {total_s, task_s: [...], start_unix}, threads (torch's, in this job), started / updated (ISO times),
+error (message when failed).
 """
 from __future__ import annotations
 
@@ -28,14 +29,17 @@ from urllib.parse import urlparse
 from omegaconf import OmegaConf
 
 from .errors import TrackingError
+from .launch import torch_threads
 
 SCHEMA_VERSION = 1
 log = logging.getLogger("cl_runner")
 # keys that do not change what a run computes (ignored by the config hash used for resume/skip)
-HASH_IGNORED = ("resume", "hardware", "tracking", "progress", "launcher", "paths", "mlflow")
+HASH_IGNORED = ("resume", "skip_finished", "checkpoint", "hardware", "tracking", "progress", "launcher", "paths",
+                "mlflow")
 
 
 def config_hash(cfg) -> str:
+    """Hash of the composed config (as Hydra made it, before validation) without the HASH_IGNORED keys."""
     c = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in HASH_IGNORED}
     return hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -84,17 +88,30 @@ class LocalTracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "results.json"
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if info.get("resume"):  # continuing this folder's run: keep its record, the checkpoint sets the rows
+            self.state = json.loads(self.path.read_text())
+            self.state.update(status="running", error=None)
+            self.state.setdefault("resumed", []).append(now)
+            self.mlflow_run_id = self.state.get("mlflow_run_id")
+            return
         self.state = {
             "schema_version": SCHEMA_VERSION, "status": "running",
-            "config": OmegaConf.to_container(cfg, resolve=True), "config_hash": config_hash(cfg),
+            "config": OmegaConf.to_container(cfg, resolve=True), "config_hash": info.get("config_hash") or config_hash(cfg),
             "choices": info.get("choices", {}), "overrides": info.get("overrides", []),
             "run_dir": str(self.run_dir), "mlflow_run_id": None, "tasks_done": 0, "n_tasks": None,
-            "acc": [], "acc_til": [], "metrics": {}, "capacity": [], "timings": {"task_s": []},
-            "started": now, "updated": now, "error": None,
+            "acc": [], "acc_til": [], "metrics": {}, "capacity": [], "timings": {"task_s": [], "start_unix": time.time()},
+            "started": now, "updated": now, "error": None, "git_commit": git_commit(), "threads": torch_threads(),
         }
         self.mlflow_run_id = None
 
     def start(self) -> None:
+        self._save()
+
+    def restore(self, acc: list, acc_til: list, capacity: list, task_s: list) -> None:
+        """Resume: the rows, capacity snapshots and timings as of the checkpoint."""
+        s = self.state
+        s["acc"], s["acc_til"], s["capacity"], s["timings"]["task_s"] = acc, acc_til, capacity, list(task_s)
+        s["tasks_done"] = len(task_s)
         self._save()
 
     def _save(self) -> None:
@@ -149,6 +166,8 @@ class MlflowTracker(LocalTracker):
         if parent:
             tags["mlflow.parentRunId"] = parent
         name = f"{tags['method']}-{tags['dataset']}-s{cfg.seed}"
+        if self.mlflow_run_id and self._reopen():  # resume: the same MLflow run goes on
+            return super().start()
         try:
             run = self.client.create_run(exp_id, tags=tags, run_name=name)
         except Exception as e:  # noqa: BLE001 - any failure here is the server's
@@ -160,6 +179,16 @@ class MlflowTracker(LocalTracker):
         self._call(lambda: [self.client.log_batch(self.mlflow_run_id, params=params[i:i + 100])
                             for i in range(0, len(params), 100)])
         super().start()
+
+    def _reopen(self) -> bool:
+        try:
+            self.client.get_run(self.mlflow_run_id)
+            self.client.update_run(self.mlflow_run_id, status="RUNNING")
+            return True
+        except Exception as e:  # noqa: BLE001 - e.g. another tracking server: a new run takes over
+            log.warning("resume: MLflow run %s cannot be continued here (%s); logging to a new run",
+                        self.mlflow_run_id, _short(e))
+            return False
 
     def _call(self, fn) -> None:
         """Run an MLflow call; on failure warn once and carry on with results.json only."""

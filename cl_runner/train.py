@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import plots
+from . import checkpoint, plots
 from .config import validate
 from .data import Split, Task, build_stream
 from .errors import ConfigError, UserError
 from .evaluate import evaluate_tasks, forward_transfer, summary
 from .models import build_model
 from .registry import METHODS
-from .tracking import LocalTracker, MlflowTracker, write_json_atomic
+from .tracking import LocalTracker, MlflowTracker, config_hash, write_json_atomic
 
 log = logging.getLogger("cl_runner")
 
@@ -34,8 +34,16 @@ def setup_hardware(h) -> torch.device:
     if h.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("hardware.device=cuda but torch sees no CUDA device (use hardware=auto or cpu)")
     use_cuda = h.device == "cuda" or (h.device == "auto" and torch.cuda.is_available())
-    if h.threads:
-        torch.set_num_threads(h.threads)
+    from . import launch
+
+    # hardware.threads wins; then parallel jobs' share of the cores; on a machine of 1-2 cores one thread: a
+    # second one, waiting passively (OMP_WAIT_POLICY, cli.main), bought nothing here (split-MNIST finetune
+    # 12.3 s with 1 thread, 12.75 s with 2) and lost much on small steps (SpaceNet 4.5 s vs 10.7 s), while
+    # spinning waits collapse 12x as soon as another process wants a core (BENCHMARKS.md)
+    threads = h.threads or launch.planned_threads() or (1 if launch.cores() <= 2 else None)
+    if threads:
+        torch.set_num_threads(threads)
+    launch.log_threads(torch.get_num_threads())
     torch.set_float32_matmul_precision(h.matmul_precision)
     if h.deterministic:
         if use_cuda:  # cuBLAS needs a fixed workspace for reproducible results; set before CUDA starts
@@ -104,9 +112,15 @@ class Progress:
 
 def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     t_start = time.perf_counter()
+    raw = cfg
     cfg = validate(cfg)
     hydra_dir, info = hydra_info()
-    run_dir = Path(run_dir or hydra_dir or Path(cfg.paths.outputs) / "runs" / datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f"))
+    info["config_hash"] = config_hash(raw)  # of the config as composed: what resume and skip match on
+    resumed = None if cfg.resume in (False, None) else checkpoint.find_resumable(
+        cfg.resume, Path(cfg.paths.outputs), info["config_hash"])
+    info["resume"] = resumed is not None
+    run_dir = Path(resumed or run_dir or hydra_dir
+                   or Path(cfg.paths.outputs) / "runs" / datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f"))
     info.setdefault("choices", {"method": cfg.method.name, "dataset": cfg.dataset.name, "model": cfg.model.name})
     device = setup_hardware(cfg.hardware)
     # the tracker comes first: an unreachable server is reported before any data is loaded
@@ -115,20 +129,32 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     stream = build_stream(cfg, device)
     model = build_model(cfg, stream).to(device)
     method = METHODS.get(cfg.method.name)(cfg, model, stream, device).to(device)
-    tracker.start()
 
     T = len(stream.tasks)
     plan = [joint_task(stream)] if method.trains_jointly else stream.tasks
     nan_row = lambda: [float("nan")] * T  # noqa: E731
     acc, acc_til, task_s = [], [], []
     random_til = before_til = None
-    if cfg.eval.fwt and not method.trains_jointly:  # reference: the untrained network, task-IL
+    elapsed0, start = 0.0, 0  # seconds spent and tasks done before this process (resume)
+    if resumed is not None:
+        ck = checkpoint.load(run_dir)
+        method.load_state_dict(ck["method"])
+        checkpoint.set_rng_state(ck["rng"], device)
+        acc, acc_til, task_s = ck["acc"], ck["acc_til"], ck["task_s"]
+        random_til, before_til, elapsed0, start = ck["random_til"], ck["before_til"], ck["elapsed_s"], len(task_s)
+        tracker.restore(acc, acc_til, ck["capacity"], task_s)
+        log.info("resuming %s after task %d of %d", run_dir, start, len(plan))
+    elif cfg.eval.fwt and not method.trains_jointly:  # reference: the untrained network, task-IL
         random_til = evaluate_tasks(method, stream, list(range(T)), list(range(T)), cfg.eval.batch_size)[1]
         before_til = [float("nan")] * T
+    tracker.start()
+    plots.prewarm()
     progress = Progress(cfg.progress, len(plan))
     status, error = "failed", None
     try:
         for i, task in enumerate(plan):
+            if i < start:
+                continue
             t0 = time.perf_counter()
             if before_til is not None:
                 before_til[i] = evaluate_tasks(method, stream, [i], [i], cfg.eval.batch_size)[1][0]
@@ -139,7 +165,15 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
             acc.append(nan_row()), acc_til.append(nan_row())
             acc[i][: len(row)], acc_til[i][: len(row_til)] = row, row_til
             task_s.append(time.perf_counter() - t0)
-            tracker.log_task(i, acc, acc_til, method.capacity(), task_s[-1], {f"time/task_{i}_s": task_s[-1]})
+            cap = method.capacity()
+            if cfg.checkpoint:  # before results.json: a kill between the two resumes from this task's end
+                checkpoint.save(run_dir, {
+                    "method": method.state_dict(), "rng": checkpoint.rng_state(device), "acc": acc,
+                    "acc_til": acc_til, "task_s": task_s, "random_til": random_til, "before_til": before_til,
+                    "capacity": [*tracker.state["capacity"], *([cap] if cap is not None else [])],
+                    "elapsed_s": elapsed0 + time.perf_counter() - t_start, "config_hash": info["config_hash"],
+                    "mlflow_run_id": tracker.mlflow_run_id})
+            tracker.log_task(i, acc, acc_til, cap, task_s[-1], {f"time/task_{i}_s": task_s[-1]})
             progress.done(i, acc[i], acc_til[i], task_s[-1])
         status = "finished"
     except UserError as e:  # e.g. capacity exhausted: keep every finished row
@@ -159,7 +193,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         if tracker.state["capacity"]:  # the last capacity snapshot is final too (cl-report --metrics capacity/...)
             metrics.update({f"capacity/{layer}/{q}": float(v) for layer, qs in tracker.state["capacity"][-1].items()
                             for q, v in qs.items()})
-        metrics["time/total_s"] = time.perf_counter() - t_start
+        metrics["time/total_s"] = elapsed0 + time.perf_counter() - t_start
         metrics.update({f"time/task_{i}_s": s for i, s in enumerate(task_s)})
         artifacts = write_artifacts(run_dir, cfg, acc, acc_til, tracker.state["capacity"], method) if acc else {}
         tracker.finish(metrics, artifacts, status, error)

@@ -39,7 +39,7 @@ def test_bad_values_name_the_key(make_cfg, override, message):
 
 def test_valid_default_config_is_typed_and_absolute(make_cfg, tmp_path):
     cfg = validate(make_cfg())
-    assert cfg.method.name == "finetune" and cfg.dataset.name == "split_digits" and cfg.model.name == "mlp"
+    assert cfg.method.name == "spacenet" and cfg.dataset.name == "split_digits" and cfg.model.name == "mlp"
     assert isinstance(cfg.method.lr, float) and list(cfg.model.hidden) == [400, 400]
     assert cfg.paths.outputs == str(tmp_path / "outputs") and cfg.paths.cache.startswith(cfg.paths.outputs)
 
@@ -54,7 +54,7 @@ def test_per_layer_scalar_is_expanded(make_cfg):
     class WithSel(MethodConfig):
         sel: list = key(ge=1, per_layer="hidden")
 
-    cfg = validate(make_cfg())
+    cfg = validate(make_cfg("method=finetune"))
     node = OmegaConf.merge(OmegaConf.to_container(cfg.method), {"sel": 80})
     out = check_section("method", WithSel, node, layer_counts(cfg.model))
     assert list(out.sel) == [80, 80]

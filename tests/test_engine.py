@@ -21,7 +21,7 @@ def results(tmp_path) -> dict:
 
 
 def test_default_run_returns_final_accuracy_and_writes_results(make_cfg, tmp_path):
-    acc = run(make_cfg("method.epochs=2"))
+    acc = run(make_cfg("method=finetune", "method.epochs=2"))
     r = results(tmp_path)
     assert r["schema_version"] == 1 and r["status"] == "finished" and r["tasks_done"] == 5
     assert acc == pytest.approx(r["metrics"]["final/avg_acc"])
@@ -113,7 +113,7 @@ def test_permuted_stream(make_cfg, tmp_path):
 def test_cifar10_100_with_multi_head_cnn(make_cfg, tmp_path):
     make_cifar10(tmp_path / "data")
     make_cifar100(tmp_path / "data", n_train=300, n_test=100)
-    cfg = make_cfg("dataset=cifar10_100", "dataset.n_tasks=3", "model=cnn", "model.channels=[4,4,8,8]",
+    cfg = make_cfg("method=finetune", "dataset=cifar10_100", "dataset.n_tasks=3", "model=cnn", "model.channels=[4,4,8,8]",
                    "model.hidden=[16]", "method.epochs=1", "method.batch_size=8")
     stream = build_stream(validate(cfg), torch.device("cpu"))
     assert stream.n_outputs == 30 and [t.classes[0] for t in stream.tasks] == [0, 10, 20]

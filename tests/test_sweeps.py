@@ -32,7 +32,7 @@ def run_script(name: str, cwd: Path, *args: str, timeout: float = 300) -> subpro
 
 def sweep(tmp_path_factory, name: str, *extra: str) -> Path:
     cwd = tmp_path_factory.mktemp(name)
-    run_script("cl-run", cwd, "-m", "seed=0,1", "method.epochs=1", "progress=off", *extra)
+    run_script("cl-run", cwd, "-m", "method=finetune", "seed=0,1", "method.epochs=1", "progress=off", *extra)
     return cwd
 
 

@@ -21,6 +21,9 @@ import pytest
 
 ARTIFACTS = {"acc_matrix.json", "acc_matrix.csv", "acc_til_matrix.csv", "acc_heatmap.png", "config.yaml",
              "results.json"}
+# the default method is SpaceNet: its capacity record and the paper's Figs. 4-6 go to MLflow too
+SPACENET_ARTIFACTS = {"capacity.json", "capacity.png", "spacenet_fig4_activations.png",
+                      "spacenet_fig5_connections.png", "spacenet_fig6_input_connections.png"}
 N_TASKS = 5  # split_digits
 
 
@@ -49,7 +52,7 @@ def cl_run(cwd: Path, *args: str, check: bool = True, timeout: float = 300, **en
 
 
 def one_results(outputs: Path) -> dict:
-    files = sorted((outputs / "runs").glob("*/*_finetune_split_digits/results.json"))
+    files = sorted((outputs / "runs").glob("*/*_spacenet_split_digits/results.json"))
     assert len(files) == 1, files
     return json.loads(files[0].read_text())
 
@@ -73,7 +76,7 @@ def steps(c, run_id: str, key: str) -> list[int]:
 # --------------------------------------------------------------------------------------- tests
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    """One default run (finetune / split_digits / mlp) tracked in <outputs>/mlflow.db."""
+    """One default run (spacenet / split_digits / mlp) tracked in <outputs>/mlflow.db."""
     cwd = tmp_path_factory.mktemp("default_run")
     proc = cl_run(cwd)
     return cwd, proc
@@ -84,7 +87,7 @@ def test_default_run_results_json(default_run):
     res = one_results(cwd / "outputs")
     assert res["schema_version"] == 1 and res["status"] == "finished" and res["error"] is None
     assert res["tasks_done"] == res["n_tasks"] == N_TASKS
-    assert res["choices"]["method"] == "finetune" and res["choices"]["dataset"] == "split_digits"
+    assert res["choices"]["method"] == "spacenet" and res["choices"]["dataset"] == "split_digits"
     for key in ("acc", "acc_til"):
         R = res[key]
         assert len(R) == N_TASKS and all(len(r) == N_TASKS for r in R)
@@ -120,7 +123,7 @@ def test_default_run_in_mlflow(default_run):
     assert run.info.artifact_uri.startswith((outputs / "mlartifacts").resolve().as_uri() + "/")
 
     tags = run.data.tags
-    assert tags["method"] == "finetune" and tags["method_class"] == "finetune"
+    assert tags["method"] == "spacenet" and tags["method_class"] == "spacenet"
     assert tags["dataset"] == "split_digits" and tags["model"] == "mlp" and tags["seed"] == "0"
     assert tags["git_commit"]  # a short hash, or "unknown" outside a repository with commits
     assert tags["run_dir"] == res["run_dir"] and tags["config_hash"] == res["config_hash"]
@@ -144,7 +147,15 @@ def test_default_run_in_mlflow(default_run):
         assert run.data.metrics[m] == pytest.approx(res["metrics"][m], rel=1e-12, abs=1e-12), m
     assert steps(c, run_id, "final/avg_acc") == [5]
 
-    assert ARTIFACTS <= {a.path for a in c.list_artifacts(run_id)}
+    assert ARTIFACTS | SPACENET_ARTIFACTS <= {a.path for a in c.list_artifacts(run_id)}
+    for name in SPACENET_ARTIFACTS - {"capacity.json"}:  # real PNG images
+        png = Path(c.download_artifacts(run_id, name, str(cwd)))
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
+    # capacity per layer after each task, step = tasks trained
+    assert steps(c, run_id, "capacity/fc1/conn_task0") == [1, 2, 3, 4, 5]
+    assert steps(c, run_id, "capacity/fc2/units_reserved") == [1, 2, 3, 4, 5]
+    reserved = {m.step: m.value for m in c.get_metric_history(run_id, "capacity/fc1/units_reserved")}
+    assert [reserved[s] for s in range(1, 6)] == [c_["fc1"]["units_reserved"] for c_ in res["capacity"]]
     # the logged results.json is the final one (status finished), not a mid-run copy
     logged = json.loads(Path(c.download_artifacts(run_id, "results.json", str(cwd))).read_text())
     assert logged["status"] == "finished" and logged["mlflow_run_id"] == run_id

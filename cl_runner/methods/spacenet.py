@@ -42,6 +42,7 @@ class SpaceNetConfig(MethodConfig):
     neuron_importance: str = key(choices=("cumulative", "sum"))
     importance_reset: str = key(choices=("task", "epoch"))
     train_bias: str = key(choices=("free", "selected", "none"))
+    out_bias: str = key(choices=("task", "seen"))
     set_aside: bool = key()
     rehearsal: bool = key()
     memory: int = key(ge=0)  # stored samples per old task; 0 = all its training data
@@ -182,8 +183,9 @@ class SpaceNet(Method):
         self.wmask, self.bmask = [], []
         for l, m in enumerate(self.layers):
             self.wmask.append(m.expand(m.owned_by(t)).float())
-            if l == L - 1:
-                b = self.selected(L)
+            if l == L - 1:  # the task's classes; `seen`: every class learned so far too (e.g. with replay)
+                b = self.selected(L) | (self.aside.any(1) | self.layers[-1].owner.ge(0).any(1)
+                                        if self.hp.out_bias == "seen" else False)
             elif self.hp.train_bias == "free":  # incl. neurons shared with earlier tasks [release]
                 b = m.free_units()
             elif self.hp.train_bias == "selected":

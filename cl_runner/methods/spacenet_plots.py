@@ -58,7 +58,7 @@ def write_figures(method, folder: Path) -> None:
             ax.set(title=f"hidden layer {i + 1} ({active:.1f}% active)", xlabel="neuron", ylabel="test sample")
             fig.colorbar(im, ax=ax)
         fig.suptitle("Fig. 4: activations on task 1 (first 50 samples: first class, then second)")
-        fig.tight_layout()
+        fig.subplots_adjust(left=0.07, right=0.97, bottom=0.13, top=0.84, wspace=0.2)
         fig.savefig(folder / "spacenet_fig4_activations.png", dpi=100)
         plt.close(fig)
     if fig5 and "after" in fig5:
@@ -70,7 +70,7 @@ def write_figures(method, folder: Path) -> None:
             ax.set(title=f"{when}: {int(m.sum())} connections into {per_neuron} neurons",
                    xlabel="selected neurons of hidden layer 1", ylabel="selected neurons of hidden layer 2")
         fig.suptitle(f"Fig. 5: connections of task {fig5['task'] + 1} between the hidden layers")
-        fig.tight_layout()
+        fig.subplots_adjust(left=0.1, right=0.97, bottom=0.1, top=0.84, wspace=0.3)
         fig.savefig(folder / "spacenet_fig5_connections.png", dpi=100)
         plt.close(fig)
     first, shape = method.layers[0], method.stream.input_shape
@@ -86,6 +86,6 @@ def write_figures(method, folder: Path) -> None:
                 ax.imshow(counts, cmap="hot", interpolation="nearest")
                 ax.set_title(f"task {t + 1}", fontsize=9)
         fig.suptitle(f"Fig. 6: connections per input pixel ({'SpaceNet' if method.hp.rewire else 'static sparse'})")
-        fig.tight_layout()
+        fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.8, wspace=0.1, hspace=0.3)
         fig.savefig(folder / "spacenet_fig6_input_connections.png", dpi=100)
         plt.close(fig)

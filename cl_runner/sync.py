@@ -1,0 +1,226 @@
+"""`cl-report --sync`: upload to MLflow what a run's `results.json` holds and the tracking store missed.
+
+When the tracking server dies mid-run, the run goes on with `results.json` only (tracking.MlflowTracker);
+`tracking=local` runs never reach MLflow at all. Syncing a run folder, with the server back up:
+
+- its MLflow run (results.json's `mlflow_run_id`, an earlier sync's run, or a run tagged with this
+  `run_dir`) gets only what it lacks: params, metric steps absent from the run's history, artifacts not
+  yet listed, and the final status;
+- a run with no MLflow run gets a new one, tagged as the tracker tags its runs (and as a child of the
+  sweep's parent run when the sweep folder has one on this server);
+- results.json records `mlflow_synced: {uri, run_id, time}`; syncing again changes nothing.
+
+The metrics are rebuilt from results.json exactly as the tracker logs them (LocalTracker.log_task per task,
+MlflowTracker.finish at the end), so a run tracked live and the same run synced afterwards hold the same
+(key, step, value) entries. Runs still `running` are skipped: their tracker rewrites results.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlparse
+
+from .errors import UserError
+from .tracking import _short, ensure_experiment, flatten, mlflow_client, write_json_atomic
+
+MLFLOW_STATUS = {"finished": "FINISHED", "failed": "FAILED"}
+
+
+def _ms(iso: str | None) -> int | None:
+    return int(datetime.fromisoformat(iso).timestamp() * 1000) if iso else None
+
+
+def expected_metrics(res: dict) -> dict[str, dict[int, tuple[float, int]]]:
+    """{key: {step: (value, timestamp ms)}} that MlflowTracker logs for this results.json."""
+    out: dict[str, dict[int, tuple[float, int]]] = {}
+
+    def put(metrics: dict, step: int, ts: int) -> None:
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and v == v:  # null (a NaN in results.json) is never logged
+                out.setdefault(k, {})[step] = (float(v), ts)
+
+    task_s = res["timings"].get("task_s") or []
+    capacity = res.get("capacity") or []
+    started = _ms(res.get("started")) or 0
+    t = started
+    for i in range(res["tasks_done"]):  # LocalTracker.log_task: row i at step i + 1
+        t += int(1000 * (task_s[i] if i < len(task_s) else 0))  # ~ when that task was logged
+        row, row_til = res["acc"][i], res["acc_til"][i]
+        step = {f"acc/task_{j}": v for j, v in enumerate(row) if v is not None}
+        step.update({f"acc_til/task_{j}": v for j, v in enumerate(row_til) if v is not None})
+        seen, seen_til = [v for v in row if v is not None], [v for v in row_til if v is not None]
+        step["acc/avg"], step["acc_til/avg"] = sum(seen) / len(seen), sum(seen_til) / len(seen_til)
+        if len(capacity) == res["tasks_done"]:
+            for layer, q in capacity[i].items():
+                step.update({f"capacity/{layer}/{name}": v for name, v in q.items()})
+        if i < len(task_s):
+            step[f"time/task_{i}_s"] = task_s[i]
+        put(step, i + 1, t)
+    # MlflowTracker.finish: per-task times and capacity already went out with their step
+    final = {k: v for k, v in (res.get("metrics") or {}).items() if not k.startswith(("time/task_", "capacity/"))}
+    put(final, res["tasks_done"], _ms(res.get("updated")) or t)
+    return out
+
+
+def _run_files(paths: list[str]) -> list[Path]:
+    from .report import _result_files
+
+    # MLflow's own copies of results.json (<artifact root>/<run>/artifacts/results.json) are not runs
+    return [f for f in _result_files(paths) if f.parent.name != "artifacts"]
+
+
+def _get_run(client, run_id: str | None):
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - not on this server (RESOURCE_DOES_NOT_EXIST) or another store's id
+        return None
+    return run if run.info.lifecycle_stage != "deleted" else None
+
+
+def _find_run(client, res: dict, uri: str, exp_id: str):
+    synced = res.get("mlflow_synced") or {}
+    for run_id in (synced.get("run_id") if synced.get("uri") == uri else None, res.get("mlflow_run_id")):
+        run = _get_run(client, run_id)
+        if run is not None:
+            return run
+    run_dir = str(res.get("run_dir") or "")
+    if run_dir and "'" not in run_dir:  # created by a sync that stopped before it could write results.json
+        found = client.search_runs([exp_id], f"tags.run_dir = '{run_dir}'", max_results=10)
+        found = [r for r in found if r.data.tags.get("config_hash") == res.get("config_hash")]
+        if found:
+            return found[0]
+    return None
+
+
+def _create_run(client, res: dict, path: Path, exp_id: str):
+    """A new MLflow run tagged as MlflowTracker.start tags one."""
+    cfg, choices = res["config"], res.get("choices") or {}
+    tags = {"method": choices.get("method") or cfg["method"]["name"], "method_class": cfg["method"]["name"],
+            "dataset": choices.get("dataset") or cfg["dataset"]["name"], "model": cfg["model"]["name"],
+            "seed": str(cfg["seed"]), "git_commit": res.get("git_commit") or "unknown",
+            "run_dir": str(res.get("run_dir") or path.parent), "config_hash": str(res.get("config_hash")),
+            "overrides": " ".join(res.get("overrides") or []), "cl_runner.synced": "true"}
+    # <sweep dir>/<job>/results.json; a job folder named after an override holding '/' is deeper
+    for parent_file in (d / "mlflow_parent.json" for d in path.parents[1:4]):
+        if parent_file.is_file():
+            parent = json.loads(parent_file.read_text()).get("run_id")
+            if _get_run(client, parent) is not None:
+                tags["mlflow.parentRunId"] = parent
+            break
+    return client.create_run(exp_id, start_time=_ms(res.get("started")), tags=tags,
+                             run_name=f"{tags['method']}-{tags['dataset']}-s{cfg['seed']}")
+
+
+def _remote_files(client, run_id: str, path: str | None = None) -> set[str]:
+    out = set()
+    for f in client.list_artifacts(run_id, path):
+        out |= _remote_files(client, run_id, f.path) if f.is_dir else {f.path}
+    return out
+
+
+def sync_run(client, path: Path, uri: str, outputs: Path) -> tuple[str, str]:
+    """Bring one run's MLflow record up to date with its results.json: (created|updated|up to date|skipped,
+    one line saying what changed)."""
+    from mlflow.entities import Metric, Param
+
+    res = json.loads(path.read_text(encoding="utf-8"))
+    if res.get("schema_version") != 1:
+        raise UserError(f"{path}: schema_version {res.get('schema_version')!r}, expected 1")
+    where = res.get("run_dir") or str(path.parent)
+    if res.get("status") not in MLFLOW_STATUS:
+        return "skipped", f"{where}: skipped, status {res.get('status')!r} (a live run rewrites its results.json)"
+    exp_id = ensure_experiment(client, res["config"]["mlflow"]["experiment"], uri, outputs)
+    run = _find_run(client, res, uri, exp_id)
+    created = run is None
+    if created:
+        run = _create_run(client, res, path, exp_id)
+    run_id = run.info.run_id
+
+    params = [Param(k, str(v)[:6000]) for k, v in flatten(res["config"]).items() if k not in run.data.params]
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i:i + 100])
+
+    metrics = []
+    for key, by_step in expected_metrics(res).items():
+        have = {m.step for m in client.get_metric_history(run_id, key)} if key in run.data.metrics else set()
+        metrics += [Metric(key, v, ts, step) for step, (v, ts) in sorted(by_step.items()) if step not in have]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+
+    remote = _remote_files(client, run_id)
+    art_dir = path.parent / "artifacts"
+    local = sorted(f for f in art_dir.rglob("*") if f.is_file()) if art_dir.is_dir() else []
+    missing = [f for f in local if f.relative_to(art_dir).as_posix() not in remote]
+    for f in missing:
+        sub = f.parent.relative_to(art_dir).as_posix()
+        client.log_artifact(run_id, str(f), None if sub == "." else sub)
+    n_art = len(missing) + ("results.json" not in remote)
+
+    status, old_status = MLFLOW_STATUS[res["status"]], run.info.status
+    if old_status != status:
+        client.set_terminated(run_id, status, end_time=_ms(res.get("updated")))
+    if not (created or params or metrics or n_art or old_status != status):
+        return "up to date", f"{where}: up to date (run {run_id})"
+
+    res["mlflow_synced"] = {"uri": uri, "run_id": run_id,
+                            "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if not res.get("mlflow_run_id"):  # an id from another store (the run's own tracking URI) is kept
+        res["mlflow_run_id"] = run_id
+    if "results.json" not in remote:  # the copy in MLflow is the final one, sync record included
+        with tempfile.TemporaryDirectory() as tmp:
+            write_json_atomic(Path(tmp) / "results.json", res)
+            client.log_artifact(run_id, str(Path(tmp) / "results.json"))
+    write_json_atomic(path, res)
+    what = "created run" if created else "run"
+    st = status if created or old_status == status else f"{old_status} -> {status}"
+    return ("created" if created else "updated"), (f"{where}: {what} {run_id}: +{len(metrics)} metric values, "
+                                                   f"+{len(params)} params, +{n_art} artifacts, {st}")
+
+
+def _outputs_for(uri: str) -> Path:
+    """Where a local store's experiment keeps artifacts: beside the SQLite file, as cl-run does."""
+    u = urlparse(uri)
+    if u.scheme == "sqlite":
+        return Path(uri[len("sqlite:///"):].split("?")[0]).parent
+    return Path(os.environ.get("CL_RUNNER_OUTPUTS", "outputs")).resolve()
+
+
+def main(paths: list[str], uri: str) -> int:
+    """`cl-report --sync [PATHS] [--tracking-uri URI]`; exit code 0, 1 if a run failed to sync, 2 on usage."""
+    from .report import check_tracking_uri
+
+    try:
+        paths = paths or [os.environ.get("CL_RUNNER_OUTPUTS", "outputs")]
+        files = _run_files(paths)
+        if not files:
+            raise UserError(f"no results.json under {', '.join(paths)}")
+        if urlparse(uri).scheme in ("http", "https"):  # a local SQLite file is created if missing
+            check_tracking_uri(uri)
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # our line names the run
+        client = mlflow_client(uri)
+    except UserError as e:
+        print(f"cl-report: {e}", file=sys.stderr)
+        return 2
+    counts = {"created": 0, "updated": 0, "up to date": 0, "skipped": 0, "failed": 0}
+    for f in files:
+        try:
+            kind, line = sync_run(client, f, uri, _outputs_for(uri))
+        except UserError as e:
+            print(f"cl-report: {e}", file=sys.stderr)
+            counts["failed"] += 1
+            continue
+        except Exception as e:  # noqa: BLE001 - whatever MLflow raises; the other runs still sync
+            print(f"cl-report: {f}: {_short(e)}", file=sys.stderr)
+            counts["failed"] += 1
+            continue
+        counts[kind] += 1
+        print(line)
+    print(f"synced {len(files)} run(s) to {uri}: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n))
+    return 1 if counts["failed"] else 0
+
