@@ -12,7 +12,7 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .errors import UserError
+from .errors import CapacityError, UserError
 from .launch import missing_plugin, pin_threads
 
 log = logging.getLogger("cl_runner")
@@ -55,19 +55,26 @@ def _hydra_app(cfg: DictConfig) -> float:
         return run(cfg)
     except UserError as e:
         sys.stderr.write(f"cl-run: error: {e}\n")
+        if isinstance(e, CapacityError) and _multirun():
+            # a job that ran out of capacity is an outcome (results.json keeps its rows, status "failed"),
+            # not a mistake in the sweep: the other jobs go on; NaN marks it for sweepers (Optuna: failed)
+            return float("nan")
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # results.json already holds every finished task (status "failed")
         sys.stderr.write("cl-run: interrupted; the tasks finished so far are in the run folder's results.json\n")
         sys.exit(130)
 
 
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
+
+
 def finished_before(cfg: DictConfig) -> float | None:
     """In a multirun with skip_finished: the final accuracy of a finished run with this job's config
     (results.json under paths.outputs, else the MLflow experiment), or None to run the job."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not cfg.get("skip_finished") or cfg.get("resume") not in (False, None) or \
-            str(HydraConfig.get().mode) != "RunMode.MULTIRUN":
+    if not cfg.get("skip_finished") or cfg.get("resume") not in (False, None) or not _multirun():
         return None
     from .checkpoint import find_finished
     from .tracking import config_hash

@@ -15,7 +15,7 @@ from conftest import cli
 
 # SpaceNet keeps the most state between tasks (masks, importances, its own RNG, figure data); enough
 # epochs on the bundled digits that one task takes about a second, so the kill lands inside task 3
-ARGS = ["method=spacenet", "method.epochs=150", "seed=3", "progress=off", "hardware=cpu", "hardware.threads=1"]
+ARGS = ["method=spacenet", "method.epochs=25", "seed=3", "progress=off", "hardware=cpu", "hardware.threads=1"]
 
 
 def env_for(outputs: Path) -> dict:
@@ -110,3 +110,16 @@ def test_relaunched_sweep_skips_finished_jobs(tmp_path):
     assert len(list(out.glob("multirun/*/*/*/results.json"))) == 2  # nothing ran again
     cl_run(out, *sweep, "skip_finished=false")
     assert len(list(out.glob("multirun/*/*/*/results.json"))) == 4
+
+
+def test_sweep_goes_on_after_a_job_runs_out_of_capacity(tmp_path):
+    """spec = sel = 20 of 60 neurons: the 4th task finds no free neuron. That job keeps its 3 rows
+    (status failed) and the sweep's other job still runs."""
+    out = tmp_path / "outputs"
+    p = cl_run(out, "-m", "method=spacenet", "model.hidden=[60,60]", "method.sel=20", "method.spec=20,5",
+               "method.epochs=1", "tracking=local", "progress=off")
+    assert "has 0 free neurons left" in p.stderr
+    res = {r["config"]["method"]["spec"][0]: r for r in
+           (json.loads(f.read_text()) for f in out.glob("multirun/*/*/*/results.json"))}
+    assert res[5]["status"] == "finished" and res[5]["tasks_done"] == 5
+    assert res[20]["status"] == "failed" and res[20]["tasks_done"] == 3 and "free neurons" in res[20]["error"]

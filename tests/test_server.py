@@ -19,20 +19,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from test_tracking import ARTIFACTS, N_TASKS, script
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER_SH = REPO / "scripts" / "server.sh"
-ARTIFACTS = {"acc_matrix.json", "acc_matrix.csv", "acc_til_matrix.csv", "acc_heatmap.png", "config.yaml",
-             "results.json"}
-N_TASKS = 5  # split_digits
 
 
 # ------------------------------------------------------------------------------------- helpers
-def script(name: str) -> str:
-    path = Path(sys.executable).parent / name
-    found = str(path) if path.exists() else shutil.which(name)
-    assert found, f"console script {name} not found (pip install -e .)"
-    return found
 
 
 def clean_env(cwd: Path) -> dict:

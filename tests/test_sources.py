@@ -1,9 +1,7 @@
 """Raw sources: tiny files in the real on-disk formats, written here, read back exactly."""
 from __future__ import annotations
 
-import gzip
 import os
-import pickle
 import socket
 from pathlib import Path
 

@@ -131,7 +131,7 @@ def test_default_run_in_mlflow(default_run):
 
     params = run.data.params
     assert params["method.lr"] == "0.01" and params["seed"] == "0"
-    assert params["dataset.name"] == "split_digits" and params["method.epochs"] == "4"
+    assert params["dataset.name"] == "split_digits" and params["method.epochs"] == "40"  # split_digits schedule
 
     # per-task metrics: step = number of tasks trained so far
     assert steps(c, run_id, "acc/task_0") == [1, 2, 3, 4, 5]
