@@ -226,7 +226,7 @@ def test_real_mlflow_server(tmp_path):
         c = client(uri)
         run = c.get_run(res["mlflow_run_id"])
         assert run.info.status == "FINISHED"
-        assert run.data.tags["method"] == "finetune" and run.data.params["method.epochs"] == "1"
+        assert run.data.tags["method"] == "spacenet" and run.data.params["method.epochs"] == "1"
         assert steps(c, run.info.run_id, "acc/task_0") == [1, 2, 3, 4, 5]
         assert run.data.metrics["final/avg_acc"] == pytest.approx(res["metrics"]["final/avg_acc"])
         # artifacts went through the server's proxy into --artifacts-destination
