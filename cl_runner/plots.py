@@ -5,13 +5,6 @@ import math
 from pathlib import Path
 
 
-def prewarm() -> None:
-    """Import matplotlib in a background thread while the run trains (0.6 s of the artifacts' time)."""
-    import threading
-
-    threading.Thread(target=_plt, daemon=True, name="matplotlib-import").start()
-
-
 def _plt():
     import matplotlib
 

@@ -148,7 +148,6 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         random_til = evaluate_tasks(method, stream, list(range(T)), list(range(T)), cfg.eval.batch_size)[1]
         before_til = [float("nan")] * T
     tracker.start()
-    plots.prewarm()
     progress = Progress(cfg.progress, len(plan))
     status, error = "failed", None
     try:
