@@ -13,7 +13,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from .errors import CapacityError, UserError
-from .launch import missing_plugin, pin_threads
+from .launch import is_multirun, missing_plugin, pin_threads
 
 log = logging.getLogger("cl_runner")
 GROUPS = ("method", "dataset", "model", "hardware", "launcher", "experiment", "sweep")
@@ -55,7 +55,7 @@ def _hydra_app(cfg: DictConfig) -> float:
         return run(cfg)
     except UserError as e:
         sys.stderr.write(f"cl-run: error: {e}\n")
-        if isinstance(e, CapacityError) and _multirun():
+        if isinstance(e, CapacityError) and is_multirun():
             # a job that ran out of capacity is an outcome (results.json keeps its rows, status "failed"),
             # not a mistake in the sweep: the other jobs go on; NaN marks it for sweepers (Optuna: failed)
             return float("nan")
@@ -65,16 +65,10 @@ def _hydra_app(cfg: DictConfig) -> float:
         sys.exit(130)
 
 
-def _multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-
-    return HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
-
-
 def finished_before(cfg: DictConfig) -> float | None:
     """In a multirun with skip_finished: the final accuracy of a finished run with this job's config
     (results.json under paths.outputs, else the MLflow experiment), or None to run the job."""
-    if not cfg.get("skip_finished") or cfg.get("resume") not in (False, None) or not _multirun():
+    if not cfg.get("skip_finished") or cfg.get("resume") not in (False, None) or not is_multirun():
         return None
     from .checkpoint import find_finished
     from .tracking import config_hash

@@ -41,15 +41,25 @@ def jobs_at_once(launcher) -> int:
     return max(1, n if n > 0 else cores() + 1 + n)
 
 
+def is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
+
+
+def default_threads() -> int | None:
+    """A lone job's threads: 1 on a machine (or allocation) of at most 2 cores, where a second thread
+    waiting passively bought nothing and lost much on small steps (README, Speed); else torch's default."""
+    return 1 if cores() <= 2 else None
+
+
 def pin_threads(cfg, multirun: bool | None = None) -> None:
     """In the job, before torch is imported: OMP/MKL threads = cores ÷ jobs when jobs share the cores
     (hardware.threads, when set, instead). Leaves the environment alone for a lone job, and for a
     single run (no -m) whatever the launcher. `multirun`: None = ask Hydra."""
     global _plan
     if multirun is None:
-        from hydra.core.hydra_config import HydraConfig
-
-        multirun = HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
+        multirun = is_multirun()
     try:
         jobs = jobs_at_once(cfg.launcher if "launcher" in cfg else None) if multirun else 1
         explicit = int(cfg.hardware.threads) if "hardware" in cfg else 0

@@ -36,11 +36,8 @@ def setup_hardware(h) -> torch.device:
     use_cuda = h.device == "cuda" or (h.device == "auto" and torch.cuda.is_available())
     from . import launch
 
-    # hardware.threads wins; then parallel jobs' share of the cores; on a machine of 1-2 cores one thread: a
-    # second one, waiting passively (OMP_WAIT_POLICY, cli.main), bought nothing here (split-MNIST finetune
-    # 12.3 s with 1 thread, 12.75 s with 2) and lost much on small steps (SpaceNet 4.5 s vs 10.7 s), while
-    # spinning waits collapse 12x as soon as another process wants a core (BENCHMARKS.md)
-    threads = h.threads or launch.planned_threads() or (1 if launch.cores() <= 2 else None)
+    # hardware.threads wins; then parallel jobs' share of the cores; then a lone job's default
+    threads = h.threads or launch.planned_threads() or launch.default_threads()
     if threads:
         torch.set_num_threads(threads)
     launch.log_threads(torch.get_num_threads())

@@ -268,7 +268,7 @@ class SpaceNet(Method):
     # -- step 2-3: training and importance ---------------------------------------------------------
     def after_backward(self, task) -> None:
         for m, wm, bm in zip(self.layers, self.wmask, self.bmask):
-            if getattr(m, "live", None) is not None:  # the trained block of a restricted layer
+            if m.live is not None:  # the trained block of a restricted layer
                 m.live.grad.mul_(m.block_mask)
             elif getattr(m, "run_out", None) is None:  # (a restricted non-leaf layer masks in its backward)
                 m.weight.grad.mul_(wm)
@@ -284,7 +284,7 @@ class SpaceNet(Method):
         lr, cumulative = self.optimizer.param_groups[0]["lr"], self.hp.neuron_importance == "cumulative"
         for i, l in enumerate(self.tracked):  # only rows holding task-t connections can change
             m = self.layers[l]
-            if getattr(m, "live", None) is not None:  # the compact block: its rows and columns
+            if m.live is not None:  # the compact block: its rows and columns
                 rows, cols, g = m._rows, m.run_in, m.live.grad
             else:
                 rows, cols = self.rows[l], None
