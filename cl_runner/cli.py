@@ -139,12 +139,18 @@ class SweepCallback(Callback):
             sys.exit(e.exit_code)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / "mlflow_parent.json").write_text(json.dumps({"run_id": run.info.run_id, "uri": uri}))
-        self.client, self.run_id = client, run.info.run_id
+        self.client, self.run_id, self.exp_id = client, run.info.run_id, exp_id
         log.info("sweep parent MLflow run %s (experiment %s)", self.run_id, config.mlflow.experiment)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if getattr(self, "run_id", None):
             try:
-                self.client.set_terminated(self.run_id, "FINISHED")
+                children = self.client.search_runs([self.exp_id], f"tags.mlflow.parentRunId = '{self.run_id}'",
+                                                   max_results=1)
+                if children:
+                    self.client.set_terminated(self.run_id, "FINISHED")
+                else:  # every job was skipped (finished before): an empty parent would only clutter the UI
+                    self.client.delete_run(self.run_id)
+                    log.info("no job ran, so the sweep parent MLflow run %s was deleted", self.run_id)
             except Exception as e:  # noqa: BLE001 - the jobs' results are safe in their results.json
                 log.warning("could not close the sweep parent run: %s", e)

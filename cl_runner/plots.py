@@ -34,17 +34,53 @@ def accuracy_heatmap(acc: list, acc_til: list, path: Path) -> None:
     plt.close(fig)
 
 
+# capacity quantities by unit, so one axis never mixes a share with a count: (panel title, test on the name)
+_UNITS = (
+    ("used (%)", lambda q: q.endswith(("_pct", "_frac"))),
+    ("accuracy (%)", lambda q: "acc" in q),
+    ("connections", lambda q: q.startswith("conn_")),
+    ("neurons", lambda q: q in ("new", "reused", "free") or q.startswith("units_")),
+)
+
+
+def _panels(quantities: list) -> list:
+    """[(title, [quantity, ...]), ...]: one panel per unit in _UNITS order, then one per other quantity."""
+    panels, rest = [], list(quantities)
+    for title, test in _UNITS:
+        group = [q for q in rest if test(q)]
+        if group:
+            panels.append((title, group))
+            rest = [q for q in rest if q not in group]
+    return panels + [(q, [q]) for q in rest]
+
+
 def capacity_plot(capacity: list, path: Path) -> None:
-    """One panel per layer: every reported quantity against the number of tasks trained."""
+    """A row per layer, a panel per unit (share of the layer used, neurons, connections, accuracy, others):
+    each reported quantity against the number of tasks trained. Fractions are drawn as percentages."""
     plt = _plt()
     layers = list(capacity[-1])
-    fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 3), squeeze=False)
+    rows = [(layer, _panels(list(capacity[-1][layer]))) for layer in layers]
+    ncols = max(len(p) for _, p in rows)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(3.6 * ncols, 2.6 * len(rows)), squeeze=False)
     steps = range(1, len(capacity) + 1)
-    for ax, layer in zip(axes[0], layers):
-        for q in capacity[-1][layer]:
-            ax.plot(steps, [c.get(layer, {}).get(q, float("nan")) for c in capacity], marker="o", label=q)
-        ax.set(title=layer, xlabel="tasks trained", xticks=list(steps))
-        ax.legend(fontsize=7)
-    fig.subplots_adjust(left=0.3 / len(layers), right=0.98, bottom=0.16, top=0.9, wspace=0.3)
+    for r, (layer, panels) in enumerate(rows):
+        for c in range(ncols):
+            ax = axes[r][c]
+            if c >= len(panels):
+                ax.set_visible(False)
+                continue
+            title, quantities = panels[c]
+            for q in quantities:
+                scale = 100.0 if q.endswith("_frac") else 1.0
+                ax.plot(steps, [scale * c_.get(layer, {}).get(q, math.nan) for c_ in capacity], marker="o", label=q)
+            if title == "connections":
+                ax.set_yscale("symlog", linthresh=1)  # a task's few thousand beside the free hundreds of thousands
+            ax.set(title=f"{layer}: {title}", xticks=list(steps))
+            if r == len(rows) - 1:
+                ax.set_xlabel("tasks trained")
+            if len(quantities) > 1:
+                ax.legend(fontsize=6)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.35 / len(rows), top=1 - 0.3 / len(rows),
+                        wspace=0.3, hspace=0.45)
     fig.savefig(path, dpi=100)
     plt.close(fig)

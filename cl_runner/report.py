@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import re
 import socket
 import statistics
 import sys
@@ -234,8 +235,7 @@ def summarise(records: list[RunRecord], metrics: list[str] = (), refs: dict | No
         groups.setdefault((r.method, r.dataset, *(r.params.get(k, DASH) for k in keys)), []).append(r)
     columns = {**COLUMNS, **{m: m for m in metrics}}
     rows = []
-    # numbers sort as numbers ("2" before "10"); then text
-    for key in sorted(groups, key=lambda key: [(0, float(v), "") if _is_number(v) else (1, 0, v) for v in key]):
+    for key in sorted(groups, key=lambda key: [_natural(v) for v in key]):
         runs = groups[key]
         stats = {label: _mean_std([r.metrics.get(name) for r in runs]) for label, name in columns.items()}
         row = Row(key[0], key[1], dict(zip(keys, key[2:])), len(runs), stats, Counter(r.status for r in runs))
@@ -246,11 +246,12 @@ def summarise(records: list[RunRecord], metrics: list[str] = (), refs: dict | No
 
 
 # --------------------------------------------------------------------------------------- printing
-def _is_number(v: str) -> bool:
-    try:
-        return not math.isnan(float(v))
-    except ValueError:
-        return False
+_NUM = re.compile(r"(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
+
+
+def _natural(v: str) -> list:
+    """Sort key where numbers sort as numbers, inside text too: "2" < "10", "[80, 80]" < "[120, 120]"."""
+    return [(0, float(tok), "") if i % 2 else (1, 0.0, tok) for i, tok in enumerate(_NUM.split(str(v))) if tok]
 
 
 def _fmt(mean_std: tuple[float, float] | None) -> str:

@@ -8,7 +8,9 @@ When the tracking server dies mid-run, the run goes on with `results.json` only 
   yet listed, and the final status;
 - a run with no MLflow run gets a new one, tagged as the tracker tags its runs (and as a child of the
   sweep's parent run when the sweep folder has one on this server);
-- results.json records `mlflow_synced: {uri, run_id, time}`; syncing again changes nothing.
+- results.json records `mlflow_synced: {uri, run_id, time}`; syncing again changes nothing;
+- a sweep's parent run left RUNNING (the server was down when the sweep ended) is closed once every job
+  of that sweep folder has a finished or failed results.json.
 
 The metrics are rebuilt from results.json exactly as the tracker logs them (LocalTracker.log_task per task,
 MlflowTracker.finish at the end), so a run tracked live and the same run synced afterwards hold the same
@@ -106,15 +108,33 @@ def _create_run(client, res: dict, path: Path, exp_id: str):
             "seed": str(cfg["seed"]), "git_commit": res.get("git_commit") or "unknown",
             "run_dir": str(res.get("run_dir") or path.parent), "config_hash": str(res.get("config_hash")),
             "overrides": " ".join(res.get("overrides") or []), "cl_runner.synced": "true"}
-    # <sweep dir>/<job>/results.json; a job folder named after an override holding '/' is deeper
-    for parent_file in (d / "mlflow_parent.json" for d in path.parents[1:4]):
-        if parent_file.is_file():
-            parent = json.loads(parent_file.read_text()).get("run_id")
-            if _get_run(client, parent) is not None:
-                tags["mlflow.parentRunId"] = parent
-            break
+    parent_file = _parent_file(path)
+    if parent_file is not None:
+        parent = json.loads(parent_file.read_text()).get("run_id")
+        if _get_run(client, parent) is not None:
+            tags["mlflow.parentRunId"] = parent
     return client.create_run(exp_id, start_time=_ms(res.get("started")), tags=tags,
                              run_name=f"{tags['method']}-{tags['dataset']}-s{cfg['seed']}")
+
+
+def _parent_file(path: Path) -> Path | None:
+    """The sweep's mlflow_parent.json above a job's results.json, if any: <sweep dir>/<job>/results.json,
+    deeper when a job folder is named after an override holding '/'."""
+    return next((f for f in (d / "mlflow_parent.json" for d in path.parents[1:4]) if f.is_file()), None)
+
+
+def close_parent(client, parent_file: Path) -> str | None:
+    """Close a sweep parent run still RUNNING once every job of its sweep folder is over (FINISHED, as
+    cl-run's sweep callback closes it); a line saying so, or None when there is nothing to do."""
+    run = _get_run(client, json.loads(parent_file.read_text()).get("run_id"))
+    if run is None or run.info.status != "RUNNING":
+        return None
+    jobs = [json.loads(f.read_text(encoding="utf-8")) for f in _run_files([str(parent_file.parent)])]
+    if not jobs or any(j.get("status") not in MLFLOW_STATUS for j in jobs):
+        return None  # a job still runs (or never wrote results.json): the sweep may not be over
+    end = max((_ms(j.get("updated")) or 0 for j in jobs), default=0) or None
+    client.set_terminated(run.info.run_id, "FINISHED", end_time=end)
+    return f"{parent_file.parent}: sweep parent run {run.info.run_id}: RUNNING -> FINISHED ({len(jobs)} jobs)"
 
 
 def _remote_files(client, run_id: str, path: str | None = None) -> set[str]:
@@ -221,6 +241,16 @@ def main(paths: list[str], uri: str) -> int:
             continue
         counts[kind] += 1
         print(line)
+    for parent_file in sorted({p for p in map(_parent_file, files) if p is not None}):
+        try:
+            line = close_parent(client, parent_file)
+        except Exception as e:  # noqa: BLE001 - the jobs are synced; the parent's status is cosmetic
+            print(f"cl-report: {parent_file}: {_short(e)}", file=sys.stderr)
+            counts["failed"] += 1
+            continue
+        if line:
+            counts["parents closed"] = counts.get("parents closed", 0) + 1
+            print(line)
     print(f"synced {len(files)} run(s) to {uri}: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n))
     return 1 if counts["failed"] else 0
 

@@ -56,7 +56,8 @@ def check_invariants(method, m: float, relative=False):
 @pytest.mark.parametrize("head,extra", [
     ("single", ()),
     ("multi", ()),
-    ("single", ("method.finetune_epochs=2", "method.threshold=shared", "method.scan=grid", "method.scan_steps=5")),
+    ("single", ("method.finetune_epochs=2", "method.threshold=shared", "method.scan=grid", "method.scan_steps=5",
+                "method.init=xavier")),
     ("multi", ("method.weight_decay=0.01", "method.margin_mode=relative", "method.activity_split=val",
                "method.scan_order=first_last", "method.reinit_free=false")),
     ("single", ("method.optimizer=sgd", "method.momentum=0.9", "method.weight_decay=0.01", "method.lr=0.05",
@@ -91,6 +92,28 @@ def test_frozen_values_are_put_back_not_just_zero_gradients(make_cfg):
         method.fit_task(stream.tasks[1])
         same = all(torch.equal(m.weight[r], b[r]) for m, b, r in zip(method.layers, before, rows))
         assert same == restore
+
+
+def test_xavier_init_at_start_and_at_each_reinit(make_cfg):
+    """init=xavier: Glorot-uniform weights and zero biases, for the whole network at the start and for the
+    weights into free neurons at every re-initialisation; committed rows keep their trained values."""
+    import math
+
+    method, stream = build(make_cfg, *HEAD["single"], "method.init=xavier")
+    for mod in method.layers:
+        bound = math.sqrt(6 / sum(mod.weight.shape))
+        assert mod.weight.abs().max() <= bound and mod.weight.abs().max() > 0.9 * bound
+        assert not mod.bias.any()
+    method.fit_task(stream.tasks[0])
+    before = [mod.weight.detach().clone() for mod in method.layers]
+    method._reinit_free()
+    for l, (mod, T) in enumerate(zip(method.layers[:-1], method.tags)):
+        free = T < 0
+        assert free.any() and (~free).any()
+        assert torch.equal(mod.weight[~free], before[l][~free])
+        assert not mod.bias[free].any()
+        assert mod.weight[free].abs().max() <= math.sqrt(6 / sum(mod.weight.shape))
+        assert not torch.equal(mod.weight[free], before[l][free])
 
 
 def test_single_head_masks_other_tasks_last_hidden_neurons(make_cfg):
@@ -258,6 +281,17 @@ def test_experiments_validate(make_cfg, name):
     else:
         assert cfg.model.head == "multi" and cfg.dataset.n_tasks == 6
         assert (cfg.method.margin, cfg.method.finetune_epochs) == ((4.0, 20) if name.endswith("_ft") else (2.0, 0))
+
+
+def test_two_epoch_preset_differs_from_the_paper_only_in_epochs_and_l1(make_cfg):
+    paper, short = (validate(make_cfg(f"+experiment={n}")) for n in ("clnp_permuted_mnist", "clnp_permuted_mnist_2ep"))
+    assert (short.method.epochs, list(short.method.l1)) == (2, [3e-5, 3e-4, 1e-6])
+    for section in ("dataset", "model", "method"):
+        a, b = dict(paper[section]), dict(short[section])
+        if section == "method":
+            for k in ("epochs", "l1"):
+                a.pop(k), b.pop(k)
+        assert a == b, section
 
 
 def test_margin_sweep_preset(tmp_path):

@@ -63,6 +63,16 @@ def test_grouping_and_values(runs):
     assert sn80[4] == "75.50 ± 0.71"
 
 
+def test_rows_sort_numbers_as_numbers(tmp_path):
+    """Swept values sort by their numbers, lists included: 80 before 120, [80, 80] before [120, 120]."""
+    root = tmp_path / "runs"
+    for i, (sel, spec) in enumerate([(120, [120, 120]), (120, [80, 80]), (80, [80, 40]), (1000, [9, 9])]):
+        write_run(root, f"r{i}", "spacenet", 0, 70.0, sel=sel, spec=spec)
+    rows = summarise(collect_from_results([str(root)]))
+    assert [(r.swept["method.sel"], r.swept["method.spec"]) for r in rows] == [
+        ("80", "[80, 40]"), ("120", "[80, 80]"), ("120", "[120, 120]"), ("1000", "[9, 9]")]
+
+
 def test_main_metrics_csv_ref(runs, tmp_path, capsys):
     out_csv = tmp_path / "t.csv"
     assert main([str(runs), "--metrics", "capacity/fc1/used_frac", "--csv", str(out_csv), "--ref"]) == 0

@@ -112,6 +112,24 @@ def test_relaunched_sweep_skips_finished_jobs(tmp_path):
     assert len(list(out.glob("multirun/*/*/*/results.json"))) == 4
 
 
+def test_relaunched_mlflow_sweep_leaves_no_empty_parent(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "outputs"
+    out.parent.mkdir(exist_ok=True)
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = ["-m", "seed=0,1", "method.epochs=1", "tracking=mlflow", f"mlflow.uri={db}", "progress=off"]
+    cl_run(out, *sweep)
+    p = cl_run(out, *sweep)  # both jobs skipped: the new parent run is removed again
+    assert (p.stdout + p.stderr).count("skipped: this config") == 2
+    client = MlflowClient(db)
+    exp = client.get_experiment_by_name("cl_runner")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("cl_runner.sweep_parent") == "true"]
+    assert len(runs) == 3 and len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert {r.data.tags.get("mlflow.parentRunId") for r in runs if r not in parents} == {parents[0].info.run_id}
+
+
 def test_sweep_goes_on_after_a_job_runs_out_of_capacity(tmp_path):
     """spec = sel = 20 of 60 neurons: the 4th task finds no free neuron. That job keeps its 3 rows
     (status failed) and the sweep's other job still runs."""

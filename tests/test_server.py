@@ -164,6 +164,42 @@ def test_sync_fills_the_gaps_of_an_existing_run(local_run, tmp_path):
     assert sum(len(h) for h in histories(c, run_id).values()) == n
 
 
+def test_sync_closes_a_sweep_parent_left_running(local_run, tmp_path, capsys):
+    """The server was down when a sweep ended, so its parent run stayed RUNNING: sync closes it once every
+    job of the sweep folder is over, and leaves it alone while one still runs."""
+    from cl_runner.sync import main as sync
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = client(uri)
+    exp = c.create_experiment("cl_runner", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    parent = c.create_run(exp, tags={"cl_runner.sweep_parent": "true"}).info.run_id
+    sweep = tmp_path / "outputs" / "multirun" / "day" / "time"
+    jobs = []
+    for i in range(2):
+        job = sweep / str(i)
+        shutil.copytree(local_run, job)
+        res = json.loads((job / "results.json").read_text())
+        res.update(run_dir=str(job), status="running" if i else "finished")
+        (job / "results.json").write_text(json.dumps(res))
+        jobs.append(job)
+    (sweep / "mlflow_parent.json").write_text(json.dumps({"run_id": parent, "uri": uri}))
+
+    assert sync([str(sweep)], uri) == 0  # job 1 still runs: the sweep is not over
+    assert c.get_run(parent).info.status == "RUNNING"
+    (child,) = [r for r in c.search_runs([exp]) if r.info.run_id != parent]
+    assert child.data.tags["mlflow.parentRunId"] == parent
+    res = json.loads((jobs[1] / "results.json").read_text())
+    res["status"] = "finished"
+    (jobs[1] / "results.json").write_text(json.dumps(res))
+    capsys.readouterr()
+    assert sync([str(sweep)], uri) == 0
+    out = capsys.readouterr().out
+    assert "RUNNING -> FINISHED (2 jobs)" in out and "1 parents closed" in out, out
+    assert c.get_run(parent).info.status == "FINISHED"
+    assert sync([str(sweep)], uri) == 0
+    assert "parents closed" not in capsys.readouterr().out
+
+
 def test_sync_rebuilds_what_the_tracker_logs(tmp_path):
     """A run tracked live (SQLite) and the same results.json synced into another store hold the same
     (key, step, value) entries, params and tags: sync.expected_metrics mirrors MlflowTracker."""

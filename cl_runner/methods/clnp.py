@@ -48,6 +48,7 @@ class CLNPConfig(MethodConfig):
     finetune_epochs: int = key(ge=0)
     finetune_lr: float = key(gt=0)
     depleted: str = key(choices=("stop", "transfer"))
+    init: str = key(choices=("model", "xavier"))
 
 
 @METHODS.register("clnp", CLNPConfig)
@@ -82,6 +83,12 @@ class CLNP(Method):
         self.register_buffer("val_acc", torch.full((3,), float("nan"), device=device))
         self.register_buffer("evals", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("task", torch.tensor(-1, device=device))
+        if self.hp.init == "xavier":  # [choice] Glorot-uniform weights, zero biases (Keras' default)
+            with torch.no_grad():
+                for mod in self.layers:
+                    nn.init.xavier_uniform_(mod.weight)
+                    if mod.bias is not None:
+                        nn.init.zeros_(mod.bias)
         if not self.multi_head and self.hp.out_bias == "zero":
             nn.init.zeros_(model.out.bias)
         # per-phase state, derived from the tags (never saved): neuron gates, activity sums, BatchNorm
@@ -309,18 +316,21 @@ class CLNP(Method):
 
     @torch.no_grad()
     def _reinit_free(self) -> None:
-        """Alg. 1 "Re-initialize W_free": PyTorch's default init for every weight into a free neuron (single
-        head: the output columns of free last-hidden neurons), BatchNorm of free channels reset."""
+        """Alg. 1 "Re-initialize W_free": every weight into a free neuron (single head: the output columns of
+        free last-hidden neurons) drawn afresh by `init`, free biases too, BatchNorm of free channels reset."""
         for l, mod in enumerate(self.layers):
             T, S = self._tgt(l), self._src(l)
             w = mod.weight
             rows = T < 0 if T is not None else torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
             cols = torch.ones_like(S, dtype=torch.bool) if T is not None else S < 0
-            fresh = torch.empty_like(w)
-            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))
+            fresh, xavier = torch.empty_like(w), self.hp.init == "xavier"
+            if xavier:
+                nn.init.xavier_uniform_(fresh)
+            else:  # PyTorch's default for Linear / Conv2d
+                nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))
             w.copy_(torch.where(self._pair(l, rows, cols), fresh, w))
             if mod.bias is not None and T is not None:
-                bound = 1 / math.sqrt(w[0].numel())
+                bound = 0.0 if xavier else 1 / math.sqrt(w[0].numel())
                 mod.bias.copy_(torch.where(rows, torch.empty_like(mod.bias).uniform_(-bound, bound), mod.bias))
             norm = self.norms[l] if l < self.L else None
             if norm is not None:
