@@ -4,7 +4,7 @@ other jobs, the plugin each preset needs, and Optuna's conditional search space 
 Parallel jobs on one machine each get cores ÷ jobs threads (at least 1): on 2 cores, two jobs left at
 torch's default of 2 threads each ran ~20x slower than one job. The threads are set in the job's
 environment before torch is imported (OpenMP reads OMP_NUM_THREADS once, at load) and again with
-`torch.set_num_threads` in `train.setup_hardware`; an explicit `hardware.threads` wins. Nothing here
+`torch.set_num_threads` in `train.set_threads`; an explicit `hardware.threads` wins. Nothing here
 imports torch.
 """
 from __future__ import annotations
@@ -47,10 +47,18 @@ def is_multirun() -> bool:
     return HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
 
 
-def default_threads() -> int | None:
+# A training step at least this big (multiply-adds of one forward pass over a minibatch) keeps every core
+# even on a small machine. Measured on 2 cores: CLNP's 784-2000-2000 MLP at batch 256 (1.4 G) took 60 s per
+# task with 2 threads and 87-95 s with 1; the 784-400-400 MLP at batch 128 (61 M) gained nothing from a
+# second thread, and SpaceNet's small steps lost much (README, Speed).
+WIDE_STEP_MACS = 500_000_000
+
+
+def default_threads(step_macs: int = 0) -> int | None:
     """A lone job's threads: 1 on a machine (or allocation) of at most 2 cores, where a second thread
-    waiting passively bought nothing and lost much on small steps (README, Speed); else torch's default."""
-    return 1 if cores() <= 2 else None
+    waiting passively buys nothing on small steps, unless a step is wide (`step_macs` >= WIDE_STEP_MACS);
+    else torch's default (all cores)."""
+    return 1 if cores() <= 2 and step_macs < WIDE_STEP_MACS else None
 
 
 def pin_threads(cfg, multirun: bool | None = None) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from . import checkpoint, plots
 from .config import validate
@@ -34,19 +35,50 @@ def setup_hardware(h) -> torch.device:
     if h.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("hardware.device=cuda but torch sees no CUDA device (use hardware=auto or cpu)")
     use_cuda = h.device == "cuda" or (h.device == "auto" and torch.cuda.is_available())
-    from . import launch
-
-    # hardware.threads wins; then parallel jobs' share of the cores; then a lone job's default
-    threads = h.threads or launch.planned_threads() or launch.default_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    launch.log_threads(torch.get_num_threads())
     torch.set_float32_matmul_precision(h.matmul_precision)
     if h.deterministic:
         if use_cuda:  # cuBLAS needs a fixed workspace for reproducible results; set before CUDA starts
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     return torch.device("cuda" if use_cuda else "cpu")
+
+
+def set_threads(h, model: nn.Module, stream, batch_size: int) -> None:
+    """hardware.threads wins; then parallel jobs' share of the cores; then a lone job's default, which
+    depends on how wide a training step is (launch.default_threads)."""
+    from . import launch
+
+    threads = h.threads or launch.planned_threads()
+    if not threads:
+        threads = launch.default_threads(step_macs(model, stream.input_shape, batch_size))
+    if threads:
+        torch.set_num_threads(threads)
+    launch.log_threads(torch.get_num_threads())
+
+
+@torch.no_grad()
+def step_macs(model: nn.Module, input_shape: tuple, batch_size: int) -> int:
+    """Multiply-adds of one forward pass over a minibatch through the Linear and Conv2d layers (one sample
+    measured with forward hooks, times the batch)."""
+    total = 0
+
+    def hook(mod, inputs, out):
+        nonlocal total
+        k = mod.in_features if isinstance(mod, nn.Linear) else mod.weight[0].numel()
+        total += out.numel() * k
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    was = model.training
+    try:
+        model.eval()
+        p = next(model.parameters())
+        model(torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype))
+    finally:
+        model.train(was)
+        for hd in handles:
+            hd.remove()
+    return total * batch_size
 
 
 def joint_task(stream) -> Task:
@@ -125,6 +157,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     torch.manual_seed(cfg.seed)
     stream = build_stream(cfg, device)
     model = build_model(cfg, stream).to(device)
+    set_threads(cfg.hardware, model, stream, int(cfg.method.get("batch_size", 1)))
     method = METHODS.get(cfg.method.name)(cfg, model, stream, device).to(device)
 
     T = len(stream.tasks)

@@ -120,6 +120,24 @@ def test_threads_are_cores_over_jobs(monkeypatch):
     assert launch.planned_threads() is None and "OMP_NUM_THREADS" not in os.environ
 
 
+def test_lone_job_threads_follow_the_step_width(monkeypatch):
+    """A lone job on <= 2 cores runs 1 thread unless a training step is wide (CLNP's 2000-2000 MLP)."""
+    import torch
+
+    from cl_runner.train import step_macs
+
+    mlp = lambda *w: torch.nn.Sequential(torch.nn.Flatten(), *[torch.nn.Linear(a, b) for a, b in zip(w, w[1:])])  # noqa: E731
+    small = step_macs(mlp(784, 400, 400, 10), (1, 28, 28), 128)
+    wide = step_macs(mlp(784, 2000, 2000, 10), (1, 28, 28), 256)
+    assert small == 128 * (784 * 400 + 400 * 400 + 400 * 10)
+    assert wide == 256 * (784 * 2000 + 2000 * 2000 + 2000 * 10)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(8 * 32 * 32, 10))
+    assert step_macs(conv, (3, 32, 32), 2) == 2 * (8 * 32 * 32 * 27 + 8 * 32 * 32 * 10)
+    for n_cores, macs, want in ((2, small, 1), (2, wide, None), (1, small, 1), (8, small, None)):
+        monkeypatch.setattr(launch, "cores", lambda n=n_cores: n)
+        assert launch.default_threads(macs) == want, (n_cores, macs)
+
+
 # ------------------------------------------------------------------------------------------ real runs
 def test_local_parallel_runs_jobs_at_once_one_share_each(tmp_path, cli_env):
     need(launch.PLUGINS["local_parallel"])
