@@ -12,8 +12,8 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .errors import CapacityError, UserError
-from .launch import is_multirun, missing_plugin, pin_threads
+from .errors import CapacityError, ConfigError, UserError
+from .launch import is_multirun, missing_plugin, pin_threads, sampling_sweeper
 
 log = logging.getLogger("cl_runner")
 GROUPS = ("method", "dataset", "model", "hardware", "launcher", "experiment", "sweep")
@@ -55,14 +55,24 @@ def _hydra_app(cfg: DictConfig) -> float:
         return run(cfg)
     except UserError as e:
         sys.stderr.write(f"cl-run: error: {e}\n")
+        if is_multirun() and isinstance(e, (CapacityError, ConfigError)) and sampling_sweeper():
+            # a search sweeper (Optuna) drew a config that cannot run (sel > layer width) or ran out of
+            # capacity: the trial fails and the study goes on (the sweeper catches the job's exception;
+            # a NaN return would crash optuna's tell)
+            raise TrialFailed(str(e)) from None
         if isinstance(e, CapacityError) and is_multirun():
             # a job that ran out of capacity is an outcome (results.json keeps its rows, status "failed"),
-            # not a mistake in the sweep: the other jobs go on; NaN marks it for sweepers (Optuna: failed)
+            # not a mistake in the sweep: the other jobs go on. A config error in a grid sweep is the
+            # user's and stops the sweep.
             return float("nan")
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # results.json already holds every finished task (status "failed")
         sys.stderr.write("cl-run: interrupted; the tasks finished so far are in the run folder's results.json\n")
         sys.exit(130)
+
+
+class TrialFailed(Exception):
+    """A sweeper-drawn job that cannot finish; its one line is already printed, the sweeper marks it failed."""
 
 
 def finished_before(cfg: DictConfig) -> float | None:

@@ -54,6 +54,16 @@ def is_multirun() -> bool:
 WIDE_STEP_MACS = 500_000_000
 
 
+def sampling_sweeper() -> bool:
+    """Whether this multirun's sweeper draws its configs (Optuna, Nevergrad, Ax) rather than listing them."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    target = str(HydraConfig.get().sweeper.get("_target_", ""))
+    return bool(target) and not target.endswith("BasicSweeper")
+
+
 def default_threads(step_macs: int = 0) -> int | None:
     """A lone job's threads: 1 on a machine (or allocation) of at most 2 cores, where a second thread
     waiting passively buys nothing on small steps, unless a step is wide (`step_macs` >= WIDE_STEP_MACS);

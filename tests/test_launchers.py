@@ -188,3 +188,17 @@ def test_optuna_sweep_end_to_end(tmp_path, cli_env):
     best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     accs = [r["metrics"]["final/avg_acc"] for _, r in results]
     assert best["best_value"] == pytest.approx(max(accs))  # the sweeper saw what cl-run returned
+
+
+def test_optuna_trial_with_an_invalid_draw_fails_and_the_study_goes_on(tmp_path, cli_env):
+    """A drawn config that cannot run (sel > layer width) fails its trial in one line, no traceback."""
+    need(launch.SWEEP_PLUGINS["optuna"])
+    p = run_cl(tmp_path, cli_env, "-m", "method=spacenet", "+sweep=optuna_spacenet", "hydra.sweeper.n_trials=3",
+               "method.sel=choice(40,999)", "method.epochs=1", "tracking=local", "progress=off")
+    out = p.stdout + p.stderr
+    assert "cl-run: error: method.sel=999 exceeds the 400 units" in out and "Traceback" not in out, out
+    sweep_dir, results = sweep_results(tmp_path / "outputs")
+    assert len(results) == 2 and all(r["config"]["method"]["sel"] == [40, 40] for _, r in results)
+    assert len([d for d in sweep_dir.iterdir() if d.is_dir() and d.name[0].isdigit()]) == 3  # the seed draws 999 third
+    best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(max(r["metrics"]["final/avg_acc"] for _, r in results))
