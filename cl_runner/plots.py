@@ -64,15 +64,14 @@ def capacity_plot(capacity: list, path: Path) -> None:
     fig, axes = plt.subplots(len(rows), ncols, figsize=(3.6 * ncols, 2.6 * len(rows)), squeeze=False)
     steps = range(1, len(capacity) + 1)
     for r, (layer, panels) in enumerate(rows):
-        for c in range(ncols):
-            ax = axes[r][c]
-            if c >= len(panels):
+        for col, ax in enumerate(axes[r]):
+            if col >= len(panels):
                 ax.set_visible(False)
                 continue
-            title, quantities = panels[c]
+            title, quantities = panels[col]
             for q in quantities:
                 scale = 100.0 if q.endswith("_frac") else 1.0
-                ax.plot(steps, [scale * c_.get(layer, {}).get(q, math.nan) for c_ in capacity], marker="o", label=q)
+                ax.plot(steps, [scale * c.get(layer, {}).get(q, math.nan) for c in capacity], marker="o", label=q)
             if title == "connections":
                 ax.set_yscale("symlog", linthresh=1)  # a task's few thousand beside the free hundreds of thousands
             ax.set(title=f"{layer}: {title}", xticks=list(steps))
