@@ -55,16 +55,17 @@ def _hydra_app(cfg: DictConfig) -> float:
         return run(cfg)
     except UserError as e:
         sys.stderr.write(f"cl-run: error: {e}\n")
-        if is_multirun() and isinstance(e, (CapacityError, ConfigError)) and sampling_sweeper():
-            # a search sweeper (Optuna) drew a config that cannot run (sel > layer width) or ran out of
-            # capacity: the trial fails and the study goes on (the sweeper catches the job's exception;
-            # a NaN return would crash optuna's tell)
-            raise TrialFailed(str(e)) from None
-        if isinstance(e, CapacityError) and is_multirun():
-            # a job that ran out of capacity is an outcome (results.json keeps its rows, status "failed"),
-            # not a mistake in the sweep: the other jobs go on. A config error in a grid sweep is the
-            # user's and stops the sweep.
-            return float("nan")
+        if is_multirun() and isinstance(e, (CapacityError, ConfigError)):
+            if sampling_sweeper():
+                # a search sweeper (Optuna) drew a config that cannot run (sel > layer width) or ran out of
+                # capacity: the trial fails and the study goes on (the sweeper catches the job's exception;
+                # a NaN return would crash optuna's tell)
+                raise TrialFailed(str(e)) from None
+            if isinstance(e, CapacityError):
+                # a job that ran out of capacity is an outcome (results.json keeps its rows, status
+                # "failed"), not a mistake in the sweep: the other jobs go on. A config error in a grid
+                # sweep is the user's and stops the sweep.
+                return float("nan")
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # results.json already holds every finished task (status "failed")
         sys.stderr.write("cl-run: interrupted; the tasks finished so far are in the run folder's results.json\n")

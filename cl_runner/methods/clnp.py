@@ -86,9 +86,7 @@ class CLNP(Method):
         if self.hp.init == "xavier":  # [choice] Glorot-uniform weights, zero biases (Keras' default)
             with torch.no_grad():
                 for mod in self.layers:
-                    nn.init.xavier_uniform_(mod.weight)
-                    if mod.bias is not None:
-                        nn.init.zeros_(mod.bias)
+                    self._draw(mod.weight, mod.bias)
         if not self.multi_head and self.hp.out_bias == "zero":
             nn.init.zeros_(model.out.bias)
         # per-phase state, derived from the tags (never saved): neuron gates, activity sums, BatchNorm
@@ -314,6 +312,19 @@ class CLNP(Method):
             if m is not None:
                 mod.weight.masked_fill_(m, 0.0)
 
+    def _draw(self, w: torch.Tensor, b: torch.Tensor | None) -> None:
+        """Fill a weight (and its bias) in place as `init` says: xavier = Glorot uniform and zero bias;
+        model = PyTorch's default for Linear / Conv2d, U(±1/√fan_in) for the bias."""
+        if self.hp.init == "xavier":
+            nn.init.xavier_uniform_(w)
+            if b is not None:
+                nn.init.zeros_(b)
+        else:
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+            if b is not None:
+                bound = 1 / math.sqrt(w[0].numel())
+                nn.init.uniform_(b, -bound, bound)
+
     @torch.no_grad()
     def _reinit_free(self) -> None:
         """Alg. 1 "Re-initialize W_free": every weight into a free neuron (single head: the output columns of
@@ -323,15 +334,13 @@ class CLNP(Method):
             w = mod.weight
             rows = T < 0 if T is not None else torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
             cols = torch.ones_like(S, dtype=torch.bool) if T is not None else S < 0
-            fresh, xavier = torch.empty_like(w), self.hp.init == "xavier"
-            if xavier:
-                nn.init.xavier_uniform_(fresh)
-            else:  # PyTorch's default for Linear / Conv2d
-                nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))
+            fresh = torch.empty_like(w)
+            # the single head's biases are not redrawn (they freeze after task 1 or stay 0)
+            fresh_b = None if mod.bias is None or T is None else torch.empty_like(mod.bias)
+            self._draw(fresh, fresh_b)
             w.copy_(torch.where(self._pair(l, rows, cols), fresh, w))
-            if mod.bias is not None and T is not None:
-                bound = 0.0 if xavier else 1 / math.sqrt(w[0].numel())
-                mod.bias.copy_(torch.where(rows, torch.empty_like(mod.bias).uniform_(-bound, bound), mod.bias))
+            if fresh_b is not None:
+                mod.bias.copy_(torch.where(rows, fresh_b, mod.bias))
             norm = self.norms[l] if l < self.L else None
             if norm is not None:
                 for v, x in ((norm.weight, 1.0), (norm.bias, 0.0), (norm.running_mean, 0.0), (norm.running_var, 1.0)):
