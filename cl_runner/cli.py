@@ -1,6 +1,7 @@
 """Entry points: `cl-run` (Hydra app) and the sweep callback that makes one parent MLflow run per sweep."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -130,6 +131,7 @@ class SweepCallback(Callback):
     leave the parent's id in the sweep folder for the jobs (which may run in other processes)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._guard_empty_study(config)
         if config.tracking != "mlflow":
             return
         from .errors import TrackingError
@@ -154,14 +156,41 @@ class SweepCallback(Callback):
         log.info("sweep parent MLflow run %s (experiment %s)", self.run_id, config.mlflow.experiment)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        self._close("FINISHED")
+
+    def _close(self, status: str) -> None:
         if getattr(self, "run_id", None):
             try:
                 children = self.client.search_runs([self.exp_id], f"tags.mlflow.parentRunId = '{self.run_id}'",
                                                    max_results=1)
-                if children:
-                    self.client.set_terminated(self.run_id, "FINISHED")
-                else:  # every job was skipped (finished before): an empty parent would only clutter the UI
-                    self.client.delete_run(self.run_id)
+                self.client.set_terminated(self.run_id, status)
+                if not children:  # every job was skipped (finished before) or stopped before its run began:
+                    self.client.delete_run(self.run_id)  # an empty parent would only clutter the UI
                     log.info("no job ran, so the sweep parent MLflow run %s was deleted", self.run_id)
             except Exception as e:  # noqa: BLE001 - the jobs' results are safe in their results.json
                 log.warning("could not close the sweep parent run: %s", e)
+
+    def _guard_empty_study(self, config: DictConfig) -> None:
+        """Optuna: when every trial failed (each already said why in one line), the plugin's `best_trial`
+        raises "No trials are completed yet" with a traceback. Say it in one line instead, close the sweep
+        parent as FAILED (deleted when no job got a run) and exit 1; the failed jobs' results.json stay."""
+        if "optuna" not in str(config.hydra.sweeper.get("_target_", "")):
+            return
+        from hydra_plugins.hydra_optuna_sweeper import _impl
+
+        impl = _impl.OptunaSweeperImpl
+        sweep = getattr(impl.sweep, "__wrapped__", impl.sweep)  # one wrapper, however many sweeps run
+
+        @functools.wraps(sweep)
+        def guarded(sweeper, arguments):
+            try:
+                return sweep(sweeper, arguments)
+            except ValueError as e:
+                if "No trials are completed" not in str(e):
+                    raise
+                self._close("FAILED")
+                sys.stderr.write(f"cl-run: error: no Optuna trial finished ({sweeper.n_trials} drawn, each failed as "
+                                 "said above), so there is no best value; widen the search space or fix the config\n")
+                sys.exit(1)
+
+        impl.sweep = guarded

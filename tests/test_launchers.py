@@ -202,3 +202,24 @@ def test_optuna_trial_with_an_invalid_draw_fails_and_the_study_goes_on(tmp_path,
     assert len([d for d in sweep_dir.iterdir() if d.is_dir() and d.name[0].isdigit()]) == 3  # the seed draws 999 third
     best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(max(r["metrics"]["final/avg_acc"] for _, r in results))
+
+
+def test_optuna_study_where_every_trial_fails_ends_in_one_line(tmp_path, cli_env):
+    """Every drawn config fails: the plugin's "No trials are completed yet" traceback becomes one line, exit 1,
+    and the sweep's MLflow parent run is not left RUNNING (no job got as far as a child run: it is deleted)."""
+    need(launch.SWEEP_PLUGINS["optuna"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = subprocess.run([cli(), "-m", "method=spacenet", "+sweep=optuna_spacenet", "hydra.sweeper.n_trials=2",
+                        "method.sel=choice(998,999)", "method.epochs=1", f"mlflow.uri={uri}", "progress=off"],
+                       cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode == 1, out
+    assert "cl-run: error: no Optuna trial finished (2 drawn" in out and "Traceback" not in out, out
+    assert out.count("cl-run: error: method.sel=998 exceeds the 400 units") == 2, out  # each trial said why first
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("cl_runner").experiment_id
+    assert client.search_runs([exp]) == []  # the parent had no child, so it went
+    assert [r.info.status for r in client.search_runs([exp], run_view_type=ViewType.ALL)] == ["FAILED"]
