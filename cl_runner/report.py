@@ -69,16 +69,23 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _is_run(f: Path) -> bool:
+    # MLflow's own copies of results.json (<artifact root>/<run>/artifacts/results.json) are not runs:
+    # counted beside their run folders they would double every seed of `cl-report outputs`
+    return f.parent.name != "artifacts"
+
+
 def _result_files(paths: list[str]) -> list[Path]:
+    """results.json files: those named, and the runs' ones found in folders and quoted patterns."""
     files = []
     for p in paths:
         path = Path(p)
         if path.is_dir():
-            files += sorted(path.rglob("results.json"))
+            files += [f for f in sorted(path.rglob("results.json")) if _is_run(f)]
         elif path.is_file():
             files.append(path)
         elif any(c in p for c in "*?["):  # a quoted pattern the shell did not expand
-            files += [Path(f) for f in sorted(glob(p, recursive=True)) if Path(f).is_file()]
+            files += [Path(f) for f in sorted(glob(p, recursive=True)) if Path(f).is_file() and _is_run(Path(f))]
         else:
             raise UserError(f"no such file or folder: {p}")
     return files

@@ -63,6 +63,22 @@ def test_grouping_and_values(runs):
     assert sn80[4] == "75.50 ± 0.71"
 
 
+def test_mlflow_artifact_copies_are_not_counted_as_runs(tmp_path):
+    """`cl-report outputs` walks MLflow's artifact store too (outputs/mlartifacts/<run>/artifacts/results.json,
+    a copy of each run's file): a copy beside its run would double the seed count and shrink the std."""
+    out = tmp_path / "outputs"
+    write_run(out / "runs", "a", "finetune", 0, 19.0)
+    write_run(out / "runs", "b", "finetune", 1, 21.0)
+    for name in ("a", "b"):
+        copy = out / "mlartifacts" / f"id{name}" / "artifacts"
+        copy.mkdir(parents=True)
+        (copy / "results.json").write_text((out / "runs" / name / "results.json").read_text())
+    for where in (str(out), f"{out}/**/results.json"):  # a folder, or a quoted pattern
+        records = collect_from_results([where])
+        assert sorted(r.source for r in records) == [str(out / "runs" / n / "results.json") for n in "ab"], where
+    assert [r.n for r in summarise(collect_from_results([str(out)]))] == [2]
+
+
 def test_rows_sort_numbers_as_numbers(tmp_path):
     """Swept values sort by their numbers, lists included: 80 before 120, [80, 80] before [120, 120]."""
     root = tmp_path / "runs"
