@@ -283,13 +283,18 @@ def test_experiments_validate(make_cfg, name):
         assert (cfg.method.margin, cfg.method.finetune_epochs) == ((4.0, 20) if name.endswith("_ft") else (2.0, 0))
 
 
-def test_two_epoch_preset_differs_from_the_paper_only_in_epochs_and_l1(make_cfg):
-    paper, short = (validate(make_cfg(f"+experiment={n}")) for n in ("clnp_permuted_mnist", "clnp_permuted_mnist_2ep"))
-    assert (short.method.epochs, list(short.method.l1)) == (2, [3e-5, 3e-4, 1e-6])
+@pytest.mark.parametrize("name, changed", [
+    ("clnp_permuted_mnist_2ep", {"epochs": 2, "l1": [3e-5, 3e-4, 1e-6]}),
+    ("clnp_permuted_mnist_2ep_ft", {"epochs": 2, "l1": [3e-5, 3e-4, 1e-6], "finetune_epochs": 1}),
+])
+def test_two_epoch_presets_differ_from_the_paper_only_where_they_say(make_cfg, name, changed):
+    paper, short = (validate(make_cfg(f"+experiment={n}")) for n in ("clnp_permuted_mnist", name))
+    assert {k: (list(v) if k == "l1" else v) for k, v in short.method.items() if k in changed} == changed
+    assert short.method.finetune_lr == 1e-4  # the paper's fine-tuning lr
     for section in ("dataset", "model", "method"):
         a, b = dict(paper[section]), dict(short[section])
         if section == "method":
-            for k in ("epochs", "l1"):
+            for k in changed:
                 a.pop(k), b.pop(k)
         assert a == b, section
 
@@ -317,3 +322,19 @@ def test_permuted_mnist_zero_forgetting(make_cfg, tmp_path):
     # 2 epochs leave the L1 little time: each task keeps a sizeable part of fc2 (~48 %, then less)
     new = [c["fc2"]["new"] for c in r["capacity"]]
     assert all(n > 0 for n in new) and r["capacity"][-1]["fc2"]["used_pct"] < 100, new
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason=f"no MNIST at {SHARED_DATA}")
+def test_permuted_mnist_two_epochs_and_one_finetuning_epoch_pass_97(make_cfg, tmp_path):
+    """clnp_permuted_mnist_2ep_ft on 3 permutations: the fine-tuning epoch lifts every task above 97
+    (97.4-97.6 measured, 96.4-96.8 without it), columns stay exactly constant, ~200 fc2 neurons per task."""
+    run(make_cfg("+experiment=clnp_permuted_mnist_2ep_ft", "dataset.n_tasks=3", "hardware=cpu", data=SHARED_DATA),
+        run_dir=tmp_path / "run")
+    r = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert r["metrics"]["final/avg_acc_til"] >= 97.0, r["metrics"]
+    for j in range(3):
+        assert all(r["acc_til"][i][j] == r["acc_til"][j][j] for i in range(j, 3))
+    for c in r["capacity"]:  # fine-tuning ran and raised validation accuracy above the pruned network's
+        assert c["scan"]["val_acc_finetuned"] > c["scan"]["val_acc_pruned"], c["scan"]
+    assert r["capacity"][-1]["fc2"]["used_pct"] < 45, [c["fc2"] for c in r["capacity"]]
