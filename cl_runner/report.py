@@ -75,7 +75,7 @@ def _is_run(f: Path) -> bool:
     return f.parent.name != "artifacts"
 
 
-def _result_files(paths: list[str]) -> list[Path]:
+def result_files(paths: list[str]) -> list[Path]:
     """results.json files: those named, and the runs' ones found in folders and quoted patterns."""
     files = []
     for p in paths:
@@ -110,7 +110,7 @@ def read_results(path: Path) -> RunRecord:
 
 
 def collect_from_results(paths: list[str], all_runs: bool = False) -> list[RunRecord]:
-    records = [read_results(f) for f in _result_files(paths)]
+    records = [read_results(f) for f in result_files(paths)]
     return [r for r in records if all_runs or r.status == "finished"]
 
 

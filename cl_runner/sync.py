@@ -27,7 +27,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .errors import UserError
-from .report import _result_files
+from .report import result_files
 from .tracking import _short, ensure_experiment, flatten, mlflow_client, write_json_atomic
 
 MLFLOW_STATUS = {"finished": "FINISHED", "failed": "FAILED"}
@@ -67,8 +67,6 @@ def expected_metrics(res: dict) -> dict[str, dict[int, tuple[float, int]]]:
     final = {k: v for k, v in (res.get("metrics") or {}).items() if not k.startswith(("time/task_", "capacity/"))}
     put(final, res["tasks_done"], _ms(res.get("updated")) or t)
     return out
-
-
 
 
 def _get_run(client, run_id: str | None):
@@ -125,7 +123,7 @@ def close_parent(client, parent_file: Path) -> str | None:
     run = _get_run(client, json.loads(parent_file.read_text()).get("run_id"))
     if run is None or run.info.status != "RUNNING":
         return None
-    jobs = [json.loads(f.read_text(encoding="utf-8")) for f in _result_files([str(parent_file.parent)])]
+    jobs = [json.loads(f.read_text(encoding="utf-8")) for f in result_files([str(parent_file.parent)])]
     if not jobs or any(j.get("status") not in MLFLOW_STATUS for j in jobs):
         return None  # a job still runs (or never wrote results.json): the sweep may not be over
     end = max((_ms(j.get("updated")) or 0 for j in jobs), default=0) or None
@@ -213,7 +211,7 @@ def main(paths: list[str], uri: str) -> int:
 
     try:
         paths = paths or [os.environ.get("CL_RUNNER_OUTPUTS", "outputs")]
-        files = _result_files(paths)
+        files = result_files(paths)
         if not files:
             raise UserError(f"no results.json under {', '.join(paths)}")
         if urlparse(uri).scheme in ("http", "https"):  # a local SQLite file is created if missing
