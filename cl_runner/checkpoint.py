@@ -28,13 +28,19 @@ VERSION = 1
 RUN_GLOBS = ("runs/*/*/results.json", "multirun/**/results.json")
 
 
-def _results(outputs: Path):
-    """(results.json path, its content) of every run folder under `outputs`, newest first."""
+def _results(outputs: Path, config_hash: str):
+    """(results.json path, its content) of the run folders under `outputs` with this config hash, newest
+    first. Every job of a sweep looks before it starts, so a file is parsed only when its text holds the
+    hash (2000 runs of 10 KB: 0.06 s, against 0.9 s parsing every file; BENCHMARKS.md)."""
     found = []
     for pattern in RUN_GLOBS:
         for p in Path(outputs).glob(pattern):
             try:
-                found.append((p.stat().st_mtime, p, json.loads(p.read_text())))
+                text = p.read_text()
+                if config_hash in text:
+                    r = json.loads(text)
+                    if r.get("config_hash") == config_hash:
+                        found.append((p.stat().st_mtime, p, r))
             except (OSError, ValueError):  # a half-written or foreign file is not a run
                 continue
     return [(p, r) for _, p, r in sorted(found, key=lambda f: f[0], reverse=True)]
@@ -42,16 +48,15 @@ def _results(outputs: Path):
 
 def find_finished(outputs: Path, config_hash: str) -> dict | None:
     """The newest finished run with this config hash (its results.json content), or None."""
-    return next((r for p, r in _results(outputs)
-                 if r.get("config_hash") == config_hash and r.get("status") == "finished"), None)
+    return next((r for _, r in _results(outputs, config_hash) if r.get("status") == "finished"), None)
 
 
 def find_resumable(resume, outputs: Path, config_hash: str) -> Path | None:
     """The run folder to continue: `resume` names it, or (resume=true) the newest unfinished run with
     this config hash and a checkpoint. None when resume=true finds nothing (the run starts afresh)."""
     if resume is True:
-        for p, r in _results(outputs):
-            if r.get("config_hash") == config_hash and r.get("status") != "finished" and (p.parent / CKPT).exists():
+        for p, r in _results(outputs, config_hash):
+            if r.get("status") != "finished" and (p.parent / CKPT).exists():
                 return p.parent
         log.info("resume=true: no unfinished run with config hash %s under %s; starting a new run",
                  config_hash, outputs)

@@ -141,3 +141,24 @@ def test_sweep_goes_on_after_a_job_runs_out_of_capacity(tmp_path):
            (json.loads(f.read_text()) for f in out.glob("multirun/*/*/*/results.json"))}
     assert res[5]["status"] == "finished" and res[5]["tasks_done"] == 5
     assert res[20]["status"] == "failed" and res[20]["tasks_done"] == 3 and "free neurons" in res[20]["error"]
+
+
+def test_finished_run_lookup_matches_the_hash_field_not_any_mention(tmp_path):
+    """find_finished reads only files whose text holds the hash, then checks the config_hash field: a run
+    that merely mentions the hash elsewhere, an unfinished run and a half-written file never match."""
+    from cl_runner.checkpoint import find_finished, find_resumable
+
+    def put(name, **fields):
+        d = tmp_path / "runs" / "2026-11-22" / name
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps(fields))
+        return d
+
+    put("a", config_hash="other", status="finished", overrides=["note=abc123"])
+    put("b", config_hash="abc123", status="running")
+    (put("c") / "results.json").write_text('{"config_hash": "abc123", "stat')  # cut off mid-write
+    assert find_finished(tmp_path, "abc123") is None
+    put("d", config_hash="abc123", status="finished", metrics={"final/avg_acc": 1.0})
+    assert find_finished(tmp_path, "abc123")["metrics"] == {"final/avg_acc": 1.0}
+    (tmp_path / "runs" / "2026-11-22" / "b" / "checkpoint.pt").write_bytes(b"")
+    assert find_resumable(True, tmp_path, "abc123") == tmp_path / "runs" / "2026-11-22" / "b"
