@@ -69,6 +69,17 @@ def expected_metrics(res: dict) -> dict[str, dict[int, tuple[float, int]]]:
     return out
 
 
+def missing_metrics(client, run, res: dict) -> list:
+    """The metric values (mlflow Metric) results.json holds that the MLflow `run` lacks, by (key, step)."""
+    from mlflow.entities import Metric
+
+    metrics = []
+    for key, by_step in expected_metrics(res).items():
+        have = {m.step for m in client.get_metric_history(run.info.run_id, key)} if key in run.data.metrics else set()
+        metrics += [Metric(key, v, ts, step) for step, (v, ts) in sorted(by_step.items()) if step not in have]
+    return metrics
+
+
 def _get_run(client, run_id: str | None):
     if not run_id:
         return None
@@ -141,7 +152,7 @@ def _remote_files(client, run_id: str, path: str | None = None) -> set[str]:
 def sync_run(client, path: Path, uri: str, outputs: Path) -> tuple[str, str]:
     """Bring one run's MLflow record up to date with its results.json: (created|updated|up to date|skipped,
     one line saying what changed)."""
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Param
 
     res = json.loads(path.read_text(encoding="utf-8"))
     if res.get("schema_version") != 1:
@@ -160,10 +171,7 @@ def sync_run(client, path: Path, uri: str, outputs: Path) -> tuple[str, str]:
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i:i + 100])
 
-    metrics = []
-    for key, by_step in expected_metrics(res).items():
-        have = {m.step for m in client.get_metric_history(run_id, key)} if key in run.data.metrics else set()
-        metrics += [Metric(key, v, ts, step) for step, (v, ts) in sorted(by_step.items()) if step not in have]
+    metrics = missing_metrics(client, run, res)
     for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i:i + 1000])
 

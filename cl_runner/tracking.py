@@ -182,13 +182,26 @@ class MlflowTracker(LocalTracker):
 
     def _reopen(self) -> bool:
         try:
-            self.client.get_run(self.mlflow_run_id)
+            run = self.client.get_run(self.mlflow_run_id)
             self.client.update_run(self.mlflow_run_id, status="RUNNING")
-            return True
         except Exception as e:  # noqa: BLE001 - e.g. another tracking server: a new run takes over
             log.warning("resume: MLflow run %s cannot be continued here (%s); logging to a new run",
                         self.mlflow_run_id, _short(e))
             return False
+        # a kill between a task's results.json and its MLflow batch left that step out of MLflow: send the
+        # restored tasks' values MLflow lacks (results.json as restore() wrote it, rows only: the run goes on)
+        from .sync import missing_metrics
+
+        def backfill() -> None:
+            ms = missing_metrics(self.client, run, {**json.loads(self.path.read_text()), "metrics": {}})
+            for i in range(0, len(ms), 1000):
+                self.client.log_batch(self.mlflow_run_id, metrics=ms[i:i + 1000])
+            if ms:
+                log.info("resume: sent %d metric values of the finished tasks that MLflow run %s lacked",
+                         len(ms), self.mlflow_run_id)
+
+        self._call(backfill)
+        return True
 
     def _call(self, fn) -> None:
         """Run an MLflow call; on failure warn once and carry on with results.json only."""

@@ -162,3 +162,37 @@ def test_finished_run_lookup_matches_the_hash_field_not_any_mention(tmp_path):
     assert find_finished(tmp_path, "abc123")["metrics"] == {"final/avg_acc": 1.0}
     (tmp_path / "runs" / "2026-11-22" / "b" / "checkpoint.pt").write_bytes(b"")
     assert find_resumable(True, tmp_path, "abc123") == tmp_path / "runs" / "2026-11-22" / "b"
+
+
+def test_resume_sends_the_task_metrics_a_kill_kept_out_of_mlflow(make_cfg, tmp_path):
+    """A task's row goes to results.json, then to MLflow: a SIGKILL between the two (seen in CI under load)
+    leaves that step out of MLflow. Resuming the same MLflow run must send it, once, with its values."""
+    from mlflow.tracking import MlflowClient
+
+    from cl_runner.tracking import LocalTracker, MlflowTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = make_cfg("tracking=mlflow", f"mlflow.uri={uri}")
+    run_dir, nan = tmp_path / "run", float("nan")
+    acc = [[90.0, nan], [88.0, 92.0]]
+    til = [[95.0, nan], [94.0, 96.0]]
+    cap = [{"fc1": {"used_pct": 10.0}}, {"fc1": {"used_pct": 20.0}}]
+
+    first = MlflowTracker(cfg, run_dir, {"choices": {}, "config_hash": "h"})
+    first.start()
+    first.log_task(0, acc[:1], til[:1], cap[0], 1.5, {"time/task_0_s": 1.5})
+    LocalTracker.log_task(first, 1, acc, til, cap[1], 2.5, {"time/task_1_s": 2.5})  # killed before MLflow
+    c = MlflowClient(tracking_uri=uri)
+    assert [m.step for m in c.get_metric_history(first.mlflow_run_id, "acc/avg")] == [1]
+
+    for _ in range(2):  # a second resume finds nothing missing and sends nothing twice
+        again = MlflowTracker(cfg, run_dir, {"choices": {}, "config_hash": "h", "resume": True})
+        again.restore(acc, til, cap, [1.5, 2.5])
+        again.start()
+        assert again.mlflow_run_id == first.mlflow_run_id and not again.broken
+        hist = {k: sorted((m.step, m.value) for m in c.get_metric_history(first.mlflow_run_id, k))
+                for k in ("acc/avg", "acc/task_1", "acc_til/task_0", "capacity/fc1/used_pct", "time/task_1_s")}
+        assert hist == {"acc/avg": [(1, 90.0), (2, 90.0)], "acc/task_1": [(2, 92.0)],
+                        "acc_til/task_0": [(1, 95.0), (2, 94.0)], "capacity/fc1/used_pct": [(1, 10.0), (2, 20.0)],
+                        "time/task_1_s": [(2, 2.5)]}
+    assert c.get_run(first.mlflow_run_id).info.status == "RUNNING"
