@@ -38,7 +38,8 @@ def _ms(iso: str | None) -> int | None:
 
 
 def expected_metrics(res: dict) -> dict[str, dict[int, tuple[float, int]]]:
-    """{key: {step: (value, timestamp ms)}} that MlflowTracker logs for this results.json."""
+    """{key: {step: (value, timestamp ms)}} that MlflowTracker logs for this results.json (as read from the
+    file, or a tracker's state in memory)."""
     out: dict[str, dict[int, tuple[float, int]]] = {}
 
     def put(metrics: dict, step: int, ts: int) -> None:
@@ -52,11 +53,11 @@ def expected_metrics(res: dict) -> dict[str, dict[int, tuple[float, int]]]:
     t = started
     for i in range(res["tasks_done"]):  # LocalTracker.log_task: row i at step i + 1
         t += int(1000 * (task_s[i] if i < len(task_s) else 0))  # ~ when that task was logged
-        row, row_til = res["acc"][i], res["acc_til"][i]
-        step = {f"acc/task_{j}": v for j, v in enumerate(row) if v is not None}
-        step.update({f"acc_til/task_{j}": v for j, v in enumerate(row_til) if v is not None})
-        seen, seen_til = [v for v in row if v is not None], [v for v in row_til if v is not None]
-        step["acc/avg"], step["acc_til/avg"] = sum(seen) / len(seen), sum(seen_til) / len(seen_til)
+        step = {}
+        for name, row in (("acc", res["acc"][i]), ("acc_til", res["acc_til"][i])):
+            seen = {j: v for j, v in enumerate(row) if v is not None and v == v}  # null on disk, NaN in memory
+            step.update({f"{name}/task_{j}": v for j, v in seen.items()})
+            step[f"{name}/avg"] = sum(seen.values()) / len(seen)
         if len(capacity) == res["tasks_done"]:
             for layer, q in capacity[i].items():
                 step.update({f"capacity/{layer}/{name}": v for name, v in q.items()})

@@ -189,11 +189,11 @@ class MlflowTracker(LocalTracker):
                         self.mlflow_run_id, _short(e))
             return False
         # a kill between a task's results.json and its MLflow batch left that step out of MLflow: send the
-        # restored tasks' values MLflow lacks (results.json as restore() wrote it, rows only: the run goes on)
+        # restored tasks' values MLflow lacks (the rows restore() set; no final metrics: the run goes on)
         from .sync import missing_metrics
 
         def backfill() -> None:
-            ms = missing_metrics(self.client, run, {**json.loads(self.path.read_text()), "metrics": {}})
+            ms = missing_metrics(self.client, run, {**self.state, "metrics": {}})
             for i in range(0, len(ms), 1000):
                 self.client.log_batch(self.mlflow_run_id, metrics=ms[i:i + 1000])
             if ms:
