@@ -12,7 +12,8 @@ from cl_runner.config import validate
 from cl_runner.data import build_stream
 from cl_runner.errors import CapacityError, ConfigError
 from cl_runner.models import build_model
-from cl_runner.models.sparse import SparseLinear, make_sparse
+from cl_runner.models.masked_net import MaskedNet
+from cl_runner.models.masks import MaskedLinear, make_masked
 from cl_runner.registry import METHODS
 from cl_runner.train import run
 
@@ -133,8 +134,8 @@ def test_reserved_neurons_are_the_most_important_selected(make_cfg):
         assert reserved.sum() == 5 and sel[reserved].all()
         assert a[reserved].min() >= a[sel & ~reserved].max()
     for l in (0, 1):  # the running sums behind the per-step neuron importance match Ω
-        torch.testing.assert_close(method.row_sum[l], method.omega(l).sum(1))
-    torch.testing.assert_close(method.col_sum, method.omega(0).sum(0))
+        torch.testing.assert_close(method.omega_sums[l].row_sum, method.omega(l).sum(1))
+    torch.testing.assert_close(method.omega_sums[0].col_sum, method.omega(0).sum(0))
 
 
 def full_grad(m) -> torch.Tensor:
@@ -143,9 +144,9 @@ def full_grad(m) -> torch.Tensor:
         return m.weight.grad.clone()
     g = torch.zeros_like(m.weight)
     if m.run_in is None:
-        g[m._rows] = m.live.grad
+        g[m.rows] = m.live.grad
     else:
-        g[m._rows[:, None], m.run_in[None, :]] = m.live.grad
+        g[m.rows[:, None], m.run_in[None, :]] = m.live.grad
     return g
 
 
@@ -160,7 +161,7 @@ def test_restricted_forward_matches_the_full_network(make_cfg):
     assert sizes[0] < 60 and sizes[-1] == 2  # only the task's live part runs
     for restricted in (True, False):
         if not restricted:
-            method._restrict(None)
+            method.net.release()
         method.model.zero_grad()
         logits = method.model(x)
         torch.nn.functional.cross_entropy(logits, y).backward()
@@ -173,15 +174,18 @@ def test_restricted_forward_matches_the_full_network(make_cfg):
 
 
 def test_sparse_layer_ownership_and_capacity():
-    conv = make_sparse(torch.nn.Conv2d(3, 4, 3))
+    conv, out = make_masked(torch.nn.Conv2d(3, 4, 3)), make_masked(torch.nn.Linear(4, 2))
     assert conv.owner.shape == (4, 3) and conv.expand(conv.free()).shape == conv.weight.shape
     conv.owner[0, :2] = 0
     conv.owner[1, 0] = 1
     conv.unit_owner[0] = 0
-    cap = conv.capacity(2)
-    assert (cap["conn_task0"], cap["conn_task1"], cap["conn_free"]) == (2, 1, 9)
-    assert (cap["units_reserved"], cap["units_shared"], cap["units_free"]) == (1, 1, 2)
-    assert isinstance(make_sparse(torch.nn.Linear(2, 2)), SparseLinear)
+    out.owner[0, 0] = 1  # task 1 reads task 0's reserved map 0
+    cap = MaskedNet(torch.nn.Sequential(conv, out), [conv, out], ["conv1", "out"]).capacity(2, newest=1)
+    c = cap["conv1"]
+    assert (c["conn_task0"], c["conn_task1"], c["conn_free"], c["conn_used_pct"]) == (2, 1, 9, 25.0)
+    assert (c["units_reserved"], c["units_shared"], c["units_free"], c["units_used_pct"]) == (1, 1, 2, 25.0)
+    assert (c["units_new"], c["units_reused"]) == (0, 1) and "units_reserved" not in cap["out"]
+    assert isinstance(make_masked(torch.nn.Linear(2, 2)), MaskedLinear)
 
 
 # ------------------------------------------------------------------------------------- variants
@@ -325,7 +329,7 @@ def test_cnn_variant_end_to_end(make_cfg, tmp_path):
                    "dataset.normalize=unit",  # the fake images have constant channels (std 0)
                    "hardware=cpu")
     method, stream = build(lambda *o: cfg)
-    assert [m.weight.dim() for m in method.layers] == [4, 4, 4, 4, 2, 2] and method.group[4] == 36
+    assert [m.weight.dim() for m in method.layers] == [4, 4, 4, 4, 2, 2] and method.net.group[4] == 36
     for task in stream.tasks:
         w0 = effective(method)[0]
         method.fit_task(task)

@@ -1,12 +1,8 @@
 """SpaceNet (Sokar, Mocanu, Pechenizkiy 2021): sparse connections per task, compacted by adaptive sparse
-training, and neurons reserved per task. Read beside ../shared/specs/spacenet.md; [release] marks the
-authors' code where the paper is vague, and each such choice is a key in conf/method/spacenet.yaml.
-
-Per task t (spec steps): 1 allocate `n_l` connections among `sel` random free neurons per layer (Alg. 2);
-2 train only task-t weights (Eq. 1); 3 connection importance Ω += |Δw·g| (Eqs. 2-3) and neuron
-importance a (Eq. 4, accumulated every step [release]); 4 drop the fraction r of least important
-task-t connections and grow as many where G = a_out·a_inᵀ is largest (Eq. 5, Alg. 3); 5 reserve the
-`spec` most important neurons (Alg. 4); 6 set the task's classifier rows aside (Alg. 1 l. 14-15).
+training, and neurons reserved per task. Read beside ../shared/specs/spacenet.md, whose steps 1-6 are
+the sections below; [release] marks the authors' code where the paper is vague, each such choice a key
+in conf/method/spacenet.yaml. Ownership, gradient masking and the compact fast path are the shared mask
+mechanism's (models/masks.py, models/masked_net.py); this file holds the algorithm.
 Variants by config: static_sparse (rewire=false), spacenet_rehearsal (rehearsal=true), the CNN (a
 connection is a k×k kernel, a neuron a feature map).
 """
@@ -23,7 +19,8 @@ from torch import nn
 from ..config import MethodConfig, key
 from ..data import Split
 from ..errors import CapacityError, ConfigError
-from ..models.sparse import FREE, SparseLinear, make_sparse
+from ..models.masked_net import BlockSum, MaskedNet, PlainSGD
+from ..models.masks import FREE, make_masked
 from . import METHODS, Method, spacenet_plots
 
 
@@ -69,24 +66,6 @@ def _fit(cfg, l: int, n_in: int, n_out: int, total: int, name: str) -> int:
     return n
 
 
-class PlainSGD:
-    """w -= lr·g, the release's optimizer (no momentum, no decay), without torch.optim: its first use
-    imports torch._dynamo, 1.5 s of a 5 s run. `params` is a callable: the tensors that train change
-    whenever the trained block is re-cut (SparseLinear leaf mode)."""
-
-    def __init__(self, params, lr: float):
-        self.params, self.param_groups = params, [{"lr": lr}]
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params():
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        ps = [p for p in self.params() if p.grad is not None]
-        torch._foreach_add_(ps, [p.grad for p in ps], alpha=-self.param_groups[0]["lr"])
-
-
 @METHODS.register("spacenet", SpaceNetConfig)
 class SpaceNet(Method):
     @staticmethod
@@ -106,15 +85,11 @@ class SpaceNet(Method):
 
     def __init__(self, cfg, model, stream, device):
         super().__init__(cfg, model, stream, device)
-        hp = self.hp
-        self.layers = [make_sparse(m) for m in (*getattr(model, "convs", []), *model.hidden, model.out)]
-        n_conv = len(getattr(model, "convs", []))
-        self.names = [f"conv{i + 1}" for i in range(n_conv)] + [f"fc{i + 1}" for i in range(len(model.hidden))] + ["out"]
-        L = len(self.layers)
-        self.compact = all(isinstance(m, SparseLinear) for m in self.layers)  # MLPs train their live part only
-        # neuron layers 0..L: inputs, hidden, outputs; `group[l]` = inputs of weight layer l per neuron
-        self.sizes = [self.layers[0].weight.shape[1]] + [m.weight.shape[0] for m in self.layers]
-        self.group = [m.weight.shape[1] // self.sizes[l] for l, m in enumerate(self.layers)]
+        hp, convs = self.hp, list(getattr(model, "convs", []))
+        self.layers = [make_masked(m) for m in (*convs, *model.hidden, model.out)]
+        names = [f"conv{i + 1}" for i in range(len(convs))] + [f"fc{i + 1}" for i in range(len(model.hidden))]
+        self.net = MaskedNet(model, self.layers, names + ["out"])
+        self.names, L = self.net.names, len(self.layers)
         self.gen = torch.Generator().manual_seed(cfg.seed)  # structure decisions (per task / epoch, on CPU)
         self.exact = hp.optimizer == "sgd" and hp.momentum == 0 and hp.weight_decay == 0
         if hp.init == "xavier":  # spec defaults: Xavier-uniform weights, zero biases
@@ -127,101 +102,51 @@ class SpaceNet(Method):
             self.register_buffer(f"omega_{l}", torch.zeros(m.owner.shape, device=device))
             m.weight.data.zero_()
         for n in range(L + 1):
-            self.register_buffer(f"imp_{n}", torch.zeros(self.sizes[n], device=device))  # a_n, Eq. 4
-            self.register_buffer(f"sel_{n}", torch.zeros(self.sizes[n], dtype=torch.bool, device=device))
+            self.register_buffer(f"imp_{n}", torch.zeros(self.net.sizes[n], device=device))  # a_n, Eq. 4
+            self.register_buffer(f"sel_{n}", torch.zeros(self.net.sizes[n], dtype=torch.bool, device=device))
         self.register_buffer("aside", torch.zeros_like(model.out.weight))  # W_L^saved
         self.register_buffer("task", torch.tensor(-1))
         # Ω is needed where connections rewire and where neuron importance comes from (hidden layers)
         self.tracked = list(range(L - 1)) + ([L - 1] if hp.rewire_output else [])
         # the budget must fit the positions task 0 will offer (needs the data's input size and classes)
-        sel = [self.sizes[0], *(s or w for s, w in zip(hp.sel, self.sizes[1:L])), stream.classes_per_task]
+        sel = [self.net.sizes[0], *(s or w for s, w in zip(hp.sel, self.net.sizes[1:L])), stream.classes_per_task]
         for l in range(L):
-            _fit(cfg, l, sel[l] * self.group[l], sel[l + 1], self.layers[l].owner.numel(), self.names[l])
+            _fit(cfg, l, sel[l] * self.net.group[l], sel[l + 1], self.layers[l].owner.numel(), self.names[l])
         self.figdata: dict = {}  # what the paper's figures need, captured on the way (plain data)
-        self._pending: dict = {}  # layer -> Ω increments on self.rows[layer] not yet added (see omega())
+        self.omega_sums: dict = {}  # layer -> BlockSum feeding omega_<l> from the trained block
 
-    def budget(self, l: int) -> int:
-        """n_l, the connections task t allocates in weight layer l (step 1)."""
-        b, unit, m = self.hp.budget[l], self.hp.budget_unit, self.layers[l]
-        if unit == "count":
-            return int(b)
-        n = m.owner.numel() if unit == "layer" else int(self._sel_in(l).sum()) * int(self.selected(l + 1).sum())
-        return max(1, round(b * n))
-
-    # -- helpers -------------------------------------------------------------------------------
     def make_optimizer(self, params, lr: float | None = None):
-        if not self.exact:
-            return super().make_optimizer(params, lr)
-        return PlainSGD(lambda: [p for m in self.layers for p in (m.weight if m.live is None else m.live, m.bias)],
-                        self.hp.lr if lr is None else lr)
+        if not self.exact:  # the trained entries only; frozen ones are put back after each step
+            return super().make_optimizer(self.net.params(), lr)
+        return PlainSGD(self.net.params, self.hp.lr if lr is None else lr)
+
+    def selected(self, n: int) -> torch.Tensor:
+        return getattr(self, f"sel_{n}")
 
     def omega(self, l: int) -> torch.Tensor:
-        """Ω of weight layer l; the increments gathered per step on a block of it are added in first."""
-        om = getattr(self, f"omega_{l}")
-        if l in self._pending:
-            rows, cols, inc = self._pending.pop(l)
-            if cols is None:
-                om.index_add_(0, rows, inc)
-            else:
-                om.index_put_((rows[:, None], cols[None, :]), inc, accumulate=True)
-        return om
+        """Ω of weight layer l (Eq. 3), with the increments of the current block added in."""
+        return self.omega_sums[l].value() if l in self.omega_sums else getattr(self, f"omega_{l}")
 
     def imp(self, n: int) -> torch.Tensor:
-        """Neuron importance a_n (0 for reserved neurons), from the accumulated or the current Ω."""
+        """Neuron importance a_n (Eq. 4; 0 for reserved neurons), accumulated or from the current Ω."""
         if self.hp.neuron_importance == "cumulative":
             a = getattr(self, f"imp_{n}")
         else:  # Eq. 4 as printed: sum of the current Ω (inputs: of their outgoing connections)
             a = self.omega(0).sum(0) if n == 0 else self.omega(n - 1).sum(1)
         return a if n == 0 or n == len(self.layers) else a * self.layers[n - 1].free_units()
 
-    def selected(self, n: int) -> torch.Tensor:
-        return getattr(self, f"sel_{n}")
+    def _allowed(self, l: int) -> torch.Tensor:
+        """Free positions whose two ends are both selected neurons of this task."""
+        return self.selected(l + 1)[:, None] & self.net.cols(l, self.selected(l))[None, :] & self.layers[l].free()
 
-    def _refresh_masks(self, t: int) -> None:
-        """Gradient masks: task-t connections; biases per the spec (step 2); snapshots if not exact."""
-        L = len(self.layers)
-        self.wmask, self.bmask = [], []
-        for l, m in enumerate(self.layers):
-            self.wmask.append(m.expand(m.owned_by(t)).float())
-            if l == L - 1:  # the task's classes; `seen`: every class learned so far too (e.g. with replay)
-                b = self.selected(L) | (self.aside.any(1) | self.layers[-1].owner.ge(0).any(1)
-                                        if self.hp.out_bias == "seen" else False)
-            elif self.hp.train_bias == "free":  # incl. neurons shared with earlier tasks [release]
-                b = m.free_units()
-            elif self.hp.train_bias == "selected":
-                b = self.selected(l + 1)
-            else:
-                b = torch.zeros_like(self.selected(l + 1))
-            self.bmask.append(b.float())
-        if not self.exact:  # momentum / weight decay / Adam move zero-grad weights: restore after step
-            self.snap = [(m.weight.detach().clone(), m.bias.detach().clone()) for m in self.layers]
-        for l in self.tracked:  # settle Ω on the old rows before the rows change
-            self.omega(l)
-        self.rows = {l: self.layers[l].owned_by(t).any(1).nonzero().squeeze(1) for l in self.tracked}
-        self.row_sum = {l: self.omega(l).sum(1) for l in self.tracked}
-        self.col_sum = self.omega(0).sum(0)
-        self._restrict(t)
-
-    def _restrict(self, t: int | None) -> None:
-        """Train an MLP on its live part only: output rows with live connections, then, layer by layer
-        backwards, the units with a connection into the part kept (the rest cannot change the loss)."""
-        if not self.compact:
-            return
-        if t is None:
-            for m in self.layers:
-                m.restrict()
-            return
-        L, out = len(self.layers), self.layers[-1]
-        need = [None] * L  # need[l]: outputs of weight layer l that reach the loss
-        need[-1] = (out.owner >= 0).any(1) & (self.selected(L) if self.hp.set_aside else True)
-        for l in range(L - 1, 0, -1):
-            need[l - 1] = (self.layers[l].owner[need[l]] >= 0).any(0)
-        run_in = None
-        for l, m in enumerate(self.layers):
-            mine = m.owned_by(t).any(1)
-            m.restrict(run_in, (need[l] & mine).nonzero().squeeze(1), (need[l] & ~mine).nonzero().squeeze(1),
-                       self.wmask[l], full_out=l == L - 1, leaf=self.exact)
-            run_in = m.run_out
+    def budget(self, l: int) -> int:
+        """n_l, the connections task t allocates in weight layer l."""
+        b, unit, m = self.hp.budget[l], self.hp.budget_unit, self.layers[l]
+        if unit == "count":
+            return int(b)
+        n = m.owner.numel() if unit == "layer" else \
+            int(self.net.cols(l, self.selected(l)).sum()) * int(self.selected(l + 1).sum())
+        return max(1, round(b * n))
 
     # -- step 1: allocation (Alg. 2) ---------------------------------------------------------------
     def begin_task(self, task) -> None:
@@ -229,22 +154,21 @@ class SpaceNet(Method):
         self.task.fill_(t)
         L, hp = len(self.layers), self.hp
         self.selected(0).fill_(True)  # input neurons are all eligible
-        for n in range(1, L):
+        for n in range(1, L):  # sel neurons at random among the free ones [release]
             free = self.layers[n - 1].free_units().nonzero().squeeze(1).cpu()
             k = hp.sel[n - 1] or len(free)
             if len(free) < max(k, hp.spec[n - 1], 1):
                 raise CapacityError(f"task {t}: {self.names[n - 1]} has {len(free)} free neurons left, "
                                     f"fewer than method.sel={k} / method.spec={hp.spec[n - 1]}")
-            pick = free[torch.randperm(len(free), generator=self.gen)[:k]]  # at random [release]
+            pick = free[torch.randperm(len(free), generator=self.gen)[:k]]
             self.selected(n).zero_()[pick.to(self.device)] = True
-        self.selected(L).zero_()[task.classes] = True
-        for l, m in enumerate(self.layers):
+        self.selected(L).zero_()[task.classes] = True  # output neurons: the task's classes
+        for l, m in enumerate(self.layers):  # n_l connections uniformly among the allowed positions
             avail = self._allowed(l).flatten().nonzero().squeeze(1).cpu()
             n_l = self.budget(l)
             if len(avail) < n_l:
-                raise CapacityError(f"task {t}: {self.names[l]} has "
-                                    f"{len(avail)} free positions between the selected neurons, "
-                                    f"fewer than the {n_l} connections of the budget")
+                raise CapacityError(f"task {t}: {self.names[l]} has {len(avail)} free positions between the "
+                                    f"selected neurons, fewer than the {n_l} connections of the budget")
             new = avail[torch.randperm(len(avail), generator=self.gen)[:n_l]].to(self.device)
             m.owner.view(-1)[new] = t
             m.weight.data.view(m.owner.numel(), -1)[new] = getattr(self, f"init_{l}").view(m.owner.numel(), -1)[new]
@@ -252,68 +176,69 @@ class SpaceNet(Method):
             self.omega(l).zero_()
         for n in range(L + 1):
             getattr(self, f"imp_{n}").zero_()
-        self._refresh_masks(t)
+        self._train_task(t)
         if self.hp.figures:
             spacenet_plots.capture_allocation(self, t)
 
-    def _sel_in(self, l: int) -> torch.Tensor:
-        s = self.selected(l)
-        return s.repeat_interleave(self.group[l]) if self.group[l] > 1 else s
+    # -- step 2: only task-t weights learn (Eq. 1) ---------------------------------------------------
+    def _train_task(self, t: int) -> None:
+        for s in self.omega_sums.values():  # settle Ω on the old block before it changes
+            s.value()
+        self.net.train_only(*self._masks(t), hold=not self.exact, live_out=self._live_out(), leaf=self.exact)
+        cumulative = self.hp.neuron_importance == "cumulative"
+        self.omega_sums = {l: BlockSum(getattr(self, f"omega_{l}"), cumulative, cumulative and l == 0)
+                           for l in self.tracked}
 
-    def _allowed(self, l: int) -> torch.Tensor:
-        """Free positions whose two ends are both selected neurons of this task."""
-        m = self.layers[l]
-        return self.selected(l + 1)[:, None] & self._sel_in(l)[None, :] & m.free()
+    def _masks(self, t: int) -> tuple:
+        """Task-t connections train; biases of free hidden neurons (incl. ones shared with earlier tasks
+        [release]) and of the task's classes (`seen`: every learned class, e.g. with replay)."""
+        L, hp = len(self.layers), self.hp
+        biases = []
+        for l, m in enumerate(self.layers):
+            if l == L - 1:
+                b = self.selected(L) | (self.aside.any(1) | m.owner.ge(0).any(1) if hp.out_bias == "seen" else False)
+            elif hp.train_bias == "free":
+                b = m.free_units()
+            else:
+                b = self.selected(l + 1) if hp.train_bias == "selected" else torch.zeros_like(self.selected(l + 1))
+            biases.append(b)
+        return [m.owned_by(t) for m in self.layers], biases
 
-    # -- step 2-3: training and importance ---------------------------------------------------------
+    def _live_out(self) -> torch.Tensor:
+        """An MLP runs its live part only: the task's classes (old rows are set aside) and what feeds them."""
+        sel = self.selected(len(self.layers))
+        return sel if self.hp.set_aside else torch.ones_like(sel)
+
     def after_backward(self, task) -> None:
-        for m, wm, bm in zip(self.layers, self.wmask, self.bmask):
-            if m.live is not None:  # the trained block of a restricted layer
-                m.live.grad.mul_(m.block_mask)
-            elif getattr(m, "run_out", None) is None:  # (a restricted non-leaf layer masks in its backward)
-                m.weight.grad.mul_(wm)
-            m.bias.grad.mul_(bm)
+        self.net.mask_grads()
         if not self.exact:
-            self.before = [self.layers[l].weight.detach().index_select(0, self.rows[l]) for l in self.tracked]
+            self.before = [self.net.block_weight(l) for l in self.tracked]
 
+    # -- step 3: importance, after every step ---------------------------------------------------------
     def after_step(self, task) -> None:
-        if not self.exact:
-            for m, wm, bm, (w0, b0) in zip(self.layers, self.wmask, self.bmask, self.snap):
-                torch.where(wm.bool(), m.weight.data, w0, out=m.weight.data)
-                torch.where(bm.bool(), m.bias.data, b0, out=m.bias.data)
+        if not self.exact:  # momentum / weight decay / Adam moved zero-gradient entries: put them back
+            self.net.restore()
         lr, cumulative = self.optimizer.param_groups[0]["lr"], self.hp.neuron_importance == "cumulative"
-        for i, l in enumerate(self.tracked):  # only rows holding task-t connections can change
-            m = self.layers[l]
-            if m.live is not None:  # the compact block: its rows and columns
-                rows, cols, g = m._rows, m.run_in, m.live.grad
-            else:
-                rows, cols = self.rows[l], None
-                g = m.weight.grad.index_select(0, rows)
+        for i, l in enumerate(self.tracked):  # only the trained block can change
+            block = self.net.block(l)
             if self.exact:  # plain SGD: Δw = -lr·g exactly, so |Δw·g| = lr·g² (Eq. 2)
-                inc = m.per_connection(g * g).mul_(lr)
+                inc = self.layers[l].per_connection(block.grad * block.grad).mul_(lr)
             else:
-                inc = m.per_connection(((m.weight.detach().index_select(0, rows) - self.before[i]) * g).abs())
-            # Ω += inc, gathered on the block (one scatter when Ω is next read: omega())
-            if l in self._pending:
-                self._pending[l][2].add_(inc)
-            else:
-                self._pending[l] = (rows, cols, inc)  # inc is a fresh tensor each step
-            if cumulative:  # a += running Ω every step [release]; Ω's row/column sums kept up to date
-                self.row_sum[l].index_add_(0, rows, inc.sum(1))
-                getattr(self, f"imp_{l + 1}").add_(self.row_sum[l])
+                inc = self.layers[l].per_connection(((self.net.block_weight(l) - self.before[i]) * block.grad).abs())
+            omega = self.omega_sums[l]
+            omega.add(block, inc)  # Ω += |Δw·g| (Eq. 3)
+            if cumulative:  # a += running Ω every step [release]: incoming (hidden), outgoing (inputs)
+                getattr(self, f"imp_{l + 1}").add_(omega.row_sum)
                 if l == 0:
-                    col = inc.sum(0)
-                    self.col_sum.add_(col) if cols is None else self.col_sum.index_add_(0, cols, col)
-                    self.imp_0.add_(self.col_sum)
+                    self.imp_0.add_(omega.col_sum)
 
-    # -- step 4: drop and grow (Alg. 3) ------------------------------------------------------------
+    # -- step 4: drop and grow after every epoch but the last (Alg. 3) ----------------------------------
     def end_epoch(self, task, epoch: int) -> None:
         last, t = epoch == self.hp.epochs - 1, int(self.task)
         rewire = self.hp.rewire and self.hp.r > 0 and (not last or self.hp.rewire_last_epoch)
         reset = self.hp.importance_reset == "epoch" and not last
-        if (rewire or reset) and self.compact:  # the weights are read and changed: trained blocks go back first
-            for m in self.layers:
-                m.commit()
+        if rewire or reset:
+            self.net.release()  # the weights are read and changed: trained blocks go back first
         if rewire:
             for l in range(len(self.layers) - (0 if self.hp.rewire_output else 1)):
                 self._rewire(l, t)
@@ -323,7 +248,7 @@ class SpaceNet(Method):
             for n in range(len(self.layers) + 1):
                 getattr(self, f"imp_{n}").zero_()
         if rewire or reset:
-            self._refresh_masks(t)
+            self._train_task(t)
 
     @torch.no_grad()
     def _rewire(self, l: int, t: int) -> None:
@@ -336,9 +261,7 @@ class SpaceNet(Method):
         drop = omega.masked_fill(~mine, float("inf")).flatten().topk(k, largest=False).indices
         # grow: the k free positions between selected neurons with the largest G = a_out·a_inᵀ (Eq. 5);
         # positions just dropped are still owned here, so they cannot come straight back [release]
-        a_in = self.imp(l)
-        if self.group[l] > 1:
-            a_in = a_in.repeat_interleave(self.group[l])
+        a_in = self.net.cols(l, self.imp(l))
         allowed = self._allowed(l)
         if int(allowed.sum()) < k:
             raise CapacityError(f"task {t}: {self.names[l]} has fewer than {k} free positions to grow into")
@@ -354,14 +277,14 @@ class SpaceNet(Method):
         m.owner.view(-1)[grow] = t
         w[grow] = 0.0  # grown weights start at exactly 0
 
-    # -- steps 5-6: reservation, classifier set aside -----------------------------------------------
+    # -- steps 5-6: reservation (Alg. 4), classifier set aside (Alg. 1 l. 14-15) -----------------------
     @torch.no_grad()
     def end_task(self, task) -> None:
         t, L = int(self.task), len(self.layers)
-        self._restrict(None)
+        self.net.end_phase()
         for n in range(1, L):
             k = self.hp.spec[n - 1]
-            if k:  # the spec most important of this task's selected neurons (Alg. 4)
+            if k:  # the spec most important of this task's selected neurons
                 score = self.imp(n).masked_fill(~self.selected(n), float("-inf"))
                 self.layers[n - 1].unit_owner[score.topk(k).indices] = t
         if self.hp.figures:
@@ -375,16 +298,17 @@ class SpaceNet(Method):
     @torch.no_grad()
     def predict(self, x: torch.Tensor, task_id: int | None = None) -> torch.Tensor:
         """Logits with the set-aside rows of every learned task restored (step 6)."""
+        restricted = self.net.restricted
+        self.net.release()  # evaluation always sees the whole network
         out = self.model.out
-        restricted = self.compact and self.layers[0].run_out is not None
-        self._restrict(None)  # evaluation always sees the whole network
         logits = F.linear(self.model.features(x), out.weight + self.aside, out.bias)
         if restricted:  # called mid-task (the engine does not): put the training plan back
-            self._restrict(int(self.task))
+            self.net.train_only(*self._masks(int(self.task)), hold=not self.exact, live_out=self._live_out(),
+                                leaf=self.exact)
         return logits
 
-    # -- rehearsal variant -------------------------------------------------------------------------
-    def fit_task(self, task) -> torch.Tensor:
+    # -- rehearsal variant ---------------------------------------------------------------------------
+    def fit_task(self, task) -> dict:
         """SpaceNet-Rehearsal trains on the task's data shuffled together with the stored data of the old
         tasks, so every minibatch replays old classes in proportion (old connections stay frozen)."""
         if self.hp.rehearsal and task.id > 0:
@@ -407,11 +331,9 @@ class SpaceNet(Method):
             n += sum(min(len(o.train.y), self.hp.memory or len(o.train.y)) for o in self.stream.tasks[:task.id])
         return self.hp.epochs * -(-n // self.hp.batch_size)
 
-    # -- diagnostics -------------------------------------------------------------------------------
+    # -- diagnostics ---------------------------------------------------------------------------------
     def capacity(self) -> dict:
-        T = len(self.stream.tasks)
-        return {name: m.capacity(T, units=l < len(self.layers) - 1)
-                for l, (name, m) in enumerate(zip(self.names, self.layers))}
+        return self.net.capacity(len(self.stream.tasks), int(self.task))
 
     def extra_state(self) -> dict:
         return {"gen": self.gen.get_state(), "figdata": self.figdata}

@@ -17,7 +17,7 @@ from ..plots import _plt
 
 def _block(method, l: int, t: int) -> torch.Tensor:
     """Task-t connections of weight layer l between the task's selected neurons."""
-    rows, cols = method.selected(l + 1).nonzero().squeeze(1), method._sel_in(l).nonzero().squeeze(1)
+    rows, cols = method.selected(l + 1).nonzero().squeeze(1), method.net.cols(l, method.selected(l)).nonzero().squeeze(1)
     return method.layers[l].owned_by(t)[rows][:, cols].cpu()
 
 
