@@ -46,8 +46,13 @@ def aware(method, stream, u):
 def check_invariants(method, m: float, relative=False):
     for l in range(len(method.layers)):  # step 4: interference weights exactly 0
         mask = method.interference(l)
-        if mask is not None:
-            assert not method.layers[l].weight.masked_select(mask.expand_as(method.layers[l].weight)).any()
+        assert not method.layers[l].weight.masked_select(mask.expand_as(method.layers[l].weight)).any()
+        T, S = method._tgt(l), method._src(l)  # cut = W_int of Sec. 2.1: from a free or later neuron
+        if T is not None:  # into an active one (the single head has none)
+            T, S = T[:, None], S[None, :]
+            assert torch.equal(method.layers[l].owner == -2, (T >= 0) & ((S < 0) | (S > T)))
+        else:
+            assert not (method.layers[l].owner == -2).any()
     best, pruned = method.val_acc[:2].tolist()  # step 3: never below best - m
     assert pruned >= (best * (1 - m / 100) if relative else best - m) - 1e-9
 
@@ -156,19 +161,22 @@ def test_run_capacity_is_consistent_and_reported(make_cfg, tmp_path):
         assert all(r["acc_til"][i][j] == r["acc_til"][j][j] for i in range(j, 5))
     assert r["metrics"]["final/avg_acc_til"] > 90
     n, prev_free = 48, {"fc1": 48, "fc2": 48}
-    for t, cap in enumerate(r["capacity"]):
-        assert set(cap) == {"fc1", "fc2", "scan"}
-        assert cap["scan"]["val_acc_pruned"] >= cap["scan"]["val_acc_unpruned"] - 1
-        assert 1 <= cap["scan"]["evals"] <= 1 + 2 * 12
+    for t, (cap, diag) in enumerate(zip(r["capacity"], r["method_metrics"])):
+        assert set(cap) == {"fc1", "fc2", "out"}
+        assert diag["val_acc_pruned"] >= diag["val_acc_unpruned"] - 1  # step 3's floor, m = 1
+        assert 1 <= diag["scan_evals"] <= 1 + 2 * 12 and {"theta/fc1", "theta/fc2"} <= set(diag)
         for name in ("fc1", "fc2"):
             c = cap[name]
-            assert c["free"] == prev_free[name] - c["new"] and c["used_pct"] == pytest.approx(100 * (n - c["free"]) / n)
-            assert c["reused"] <= n - prev_free[name]  # only neurons of earlier tasks are reused
-            assert c["theta"] is not None
-            prev_free[name] = c["free"]
-        assert cap["fc2"]["reused"] == 0  # single head: last-hidden neurons are never reused
-    assert r["metrics"]["capacity/fc2/used_pct"] == r["capacity"][-1]["fc2"]["used_pct"]  # for cl-report
-    assert sum(c["fc1"]["reused"] for c in r["capacity"][1:]) > 0  # later tasks read old first-layer features
+            assert c["units_free"] == prev_free[name] - c["units_new"]
+            assert c["units_used_pct"] == pytest.approx(100 * (n - c["units_free"]) / n)
+            assert c["units_reserved"] + c["units_shared"] + c["units_free"] == n and c["units_shared"] == 0
+            assert c["units_reused"] <= n - prev_free[name]  # only neurons of earlier tasks are reused
+            prev_free[name] = c["units_free"]
+        assert cap["fc2"]["units_reused"] == 0  # single head: last-hidden neurons are never reused
+        assert sum(cap["out"][f"conn_task{k}"] for k in range(5)) == 10 * (n - cap["fc2"]["units_free"])
+    assert r["metrics"]["capacity/fc2/units_used_pct"] == r["capacity"][-1]["fc2"]["units_used_pct"]  # cl-report
+    assert r["metrics"]["method/val_acc_pruned"] == r["method_metrics"][-1]["val_acc_pruned"]
+    assert sum(c["fc1"]["units_reused"] for c in r["capacity"][1:]) > 0  # later tasks read old first-layer features
 
 
 def test_depletion_raises_capacity_error_and_keeps_results(make_cfg, tmp_path):
@@ -176,7 +184,7 @@ def test_depletion_raises_capacity_error_and_keeps_results(make_cfg, tmp_path):
         run(make_cfg(*BASE, *HEAD["single"], "model.hidden=[48,2]", "method.margin=0", "method.l1=0"))
     assert "\n" not in str(e.value) and "fc2" in str(e.value) and "none left" in str(e.value)
     r = results(tmp_path)
-    assert r["status"] == "failed" and 1 <= r["tasks_done"] < 5 and r["capacity"][-1]["fc2"]["free"] == 0
+    assert r["status"] == "failed" and 1 <= r["tasks_done"] < 5 and r["capacity"][-1]["fc2"]["units_free"] == 0
     assert len(r["acc_til"]) == r["tasks_done"] and r["error"] == str(e.value)
 
 
@@ -185,11 +193,11 @@ def test_multi_head_depleted_goes_on_as_transfer(make_cfg, tmp_path):
                  "method.depleted=transfer"))
     r = results(tmp_path)
     assert r["status"] == "finished" and len(r["capacity"]) == 5
-    full = [t for t, c in enumerate(r["capacity"]) if c["fc2"]["free"] == 0]
+    full = [t for t, c in enumerate(r["capacity"]) if c["fc2"]["units_free"] == 0]
     assert full and full[0] < 4
     for t in range(full[0] + 1, 5):  # head-only training: nothing new, the head reads old neurons
         c = r["capacity"][t]
-        assert c["fc1"]["new"] == c["fc2"]["new"] == 0 and c["fc2"]["reused"] > 0
+        assert c["fc1"]["units_new"] == c["fc2"]["units_new"] == 0 and c["fc2"]["units_reused"] > 0
     for j in range(5):
         assert all(r["acc_til"][i][j] == r["acc_til"][j][j] for i in range(j, 5))
 
@@ -238,7 +246,7 @@ def cifar(tmp_path):
 def test_zenke_cnn_multi_head_end_to_end(make_cfg, tmp_path, cifar):
     run(make_cfg(*METHOD, *CIFAR, "model=cnn", "model.channels=[4,4,8,8]", "model.hidden=[16]"))
     r = results(tmp_path)
-    assert r["status"] == "finished" and set(r["capacity"][-1]) == {"conv1", "conv2", "conv3", "conv4", "fc1", "scan"}
+    assert r["status"] == "finished" and set(r["capacity"][-1]) == {"conv1", "conv2", "conv3", "conv4", "fc1", "out"}
     for j in range(3):
         assert all(r["acc_til"][i][j] == r["acc_til"][j][j] for i in range(j, 3))
 
@@ -246,7 +254,7 @@ def test_zenke_cnn_multi_head_end_to_end(make_cfg, tmp_path, cifar):
 def test_wide_fcn_single_head_end_to_end(make_cfg, tmp_path, cifar):
     run(make_cfg(*METHOD, *CIFAR, "model=cnn_wide", "model.channels=[4,8,8,16,16]", "dataset.label_mode=shared"))
     r = results(tmp_path)
-    assert r["status"] == "finished" and set(r["capacity"][-1]) == {f"conv{i}" for i in range(1, 6)} | {"scan"}
+    assert r["status"] == "finished" and set(r["capacity"][-1]) == {f"conv{i}" for i in range(1, 6)} | {"out"}
     for j in range(3):
         assert all(r["acc_til"][i][j] == r["acc_til"][j][j] for i in range(j, 3))
 
@@ -320,8 +328,8 @@ def test_permuted_mnist_zero_forgetting(make_cfg, tmp_path):
     for j in range(3):
         assert all(r["acc_til"][i][j] == r["acc_til"][j][j] for i in range(j, 3))
     # 2 epochs leave the L1 little time: each task keeps a sizeable part of fc2 (~48 %, then less)
-    new = [c["fc2"]["new"] for c in r["capacity"]]
-    assert all(n > 0 for n in new) and r["capacity"][-1]["fc2"]["used_pct"] < 100, new
+    new = [c["fc2"]["units_new"] for c in r["capacity"]]
+    assert all(n > 0 for n in new) and r["capacity"][-1]["fc2"]["units_used_pct"] < 100, new
 
 
 @pytest.mark.slow
@@ -335,6 +343,6 @@ def test_permuted_mnist_two_epochs_and_one_finetuning_epoch_pass_97(make_cfg, tm
     assert r["metrics"]["final/avg_acc_til"] >= 97.0, r["metrics"]
     for j in range(3):
         assert all(r["acc_til"][i][j] == r["acc_til"][j][j] for i in range(j, 3))
-    for c in r["capacity"]:  # fine-tuning ran and raised validation accuracy above the pruned network's
-        assert c["scan"]["val_acc_finetuned"] > c["scan"]["val_acc_pruned"], c["scan"]
-    assert r["capacity"][-1]["fc2"]["used_pct"] < 45, [c["fc2"] for c in r["capacity"]]
+    for d in r["method_metrics"]:  # fine-tuning ran and raised validation accuracy above the pruned network's
+        assert d["val_acc_finetuned"] > d["val_acc_pruned"], d
+    assert r["capacity"][-1]["fc2"]["units_used_pct"] < 45, [c["fc2"] for c in r["capacity"]]

@@ -185,3 +185,16 @@ for _name, _source, _n in (("split_digits", "digits", 10), ("split_mnist", "mnis
     DATASETS.register(_name, DatasetConfig)(ClassSplit(_source, _n))
 DATASETS.register("cifar10_100", DatasetConfig)(CifarTenHundred())
 DATASETS.register("permuted_mnist", PermutedConfig)(Permuted())
+
+
+def replay_split(task: Task, old_tasks: list, memory: int, seed: int) -> Split:
+    """The task's training data followed by `memory` random samples of each old task's (0: all of it),
+    drawn with `seed`, for methods that rehearse stored real data."""
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = [task.train.x], [task.train.y]
+    for old in old_tasks:
+        n = len(old.train.y)
+        keep = (torch.randperm(n, generator=g)[:memory] if memory else torch.arange(n)).to(task.train.x.device)
+        xs.append(old.train.x[keep])
+        ys.append(old.train.y[keep])
+    return Split(torch.cat(xs), torch.cat(ys))

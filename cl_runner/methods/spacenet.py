@@ -9,79 +9,22 @@ connection is a k×k kernel, a neuron a feature map).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import List
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import MethodConfig, key
-from ..data import Split
-from ..errors import CapacityError, ConfigError
+from ..data import replay_split
+from ..errors import CapacityError
+from ..models import draw_init
 from ..models.masked_net import BlockSum, MaskedNet, PlainSGD
 from ..models.masks import FREE, make_masked
 from . import METHODS, Method, spacenet_plots
-
-
-@dataclass
-class SpaceNetConfig(MethodConfig):
-    init: str = key(choices=("xavier", "model"))
-    sel: List[int] = key(ge=0, per_layer="hidden")  # 0 = every free neuron
-    spec: List[int] = key(ge=0, per_layer="hidden")
-    budget_unit: str = key(choices=("selected", "layer", "count"))
-    budget: List[float] = key(gt=0, per_layer="weights")
-    rewire: bool = key()
-    r: float = key(ge=0, lt=1)
-    rewire_output: bool = key()
-    rewire_last_epoch: bool = key()
-    grow: str = key(choices=("top", "sample"))
-    neuron_importance: str = key(choices=("cumulative", "sum"))
-    importance_reset: str = key(choices=("task", "epoch"))
-    train_bias: str = key(choices=("free", "selected", "none"))
-    out_bias: str = key(choices=("task", "seen"))
-    set_aside: bool = key()
-    rehearsal: bool = key()
-    memory: int = key(ge=0)  # stored samples per old task; 0 = all its training data
-    figures: bool = key()
-
-
-def _widths(model_cfg) -> list:
-    return [*model_cfg.get("channels", []), *model_cfg.hidden]
-
-
-def _fit(cfg, l: int, n_in: int, n_out: int, total: int, name: str) -> int:
-    """n_l for weight layer l (`total` connections, `n_in × n_out` positions between selected neurons);
-    a budget that cannot fit those positions is a one-line ConfigError."""
-    b, unit = cfg.method.budget[l], cfg.method.budget_unit
-    if unit == "count" and b != int(b):
-        raise ConfigError(f"method.budget[{l}]={b} must be a whole number of connections (budget_unit=count)")
-    if unit != "count" and b > 1:
-        raise ConfigError(f"method.budget[{l}]={b} must be a fraction <= 1 (budget_unit={unit})")
-    n = int(b) if unit == "count" else max(1, round(b * (total if unit == "layer" else n_in * n_out)))
-    if n > n_in * n_out:
-        raise ConfigError(f"method.budget[{l}]={b:g} asks for {n} connections in {name} but only "
-                          f"{n_in} x {n_out} = {n_in * n_out} positions join its selected neurons "
-                          "(lower method.budget or raise method.sel)")
-    return n
+from .schemas import SpaceNetConfig, budget_fit, check_spacenet
 
 
 @METHODS.register("spacenet", SpaceNetConfig)
 class SpaceNet(Method):
-    @staticmethod
-    def check_config(cfg) -> None:
-        m, widths = cfg.method, _widths(cfg.model)
-        for i, (w, s, p) in enumerate(zip(widths, m.sel, m.spec)):
-            if s > w:
-                raise ConfigError(f"method.sel={s} exceeds the {w} units of hidden layer {i + 1}")
-            if p > (s or w):
-                raise ConfigError(f"method.spec={p} exceeds method.sel={s or w} in hidden layer {i + 1}")
-        sizes, n_conv = [s or w for s, w in zip(m.sel, widths)], len(cfg.model.get("channels", []))
-        for i in range(1, len(widths)):  # the layers whose size needs the data are checked in __init__
-            if i != n_conv:
-                _fit(cfg, i, sizes[i - 1], sizes[i], widths[i - 1] * widths[i], f"weight layer {i + 1}")
-        if m.rehearsal and cfg.model.head != "single":
-            raise ConfigError("method.rehearsal=true replays old classes: it needs model.head=single")
+    check_config = staticmethod(check_spacenet)
 
     def __init__(self, cfg, model, stream, device):
         super().__init__(cfg, model, stream, device)
@@ -94,8 +37,7 @@ class SpaceNet(Method):
         self.exact = hp.optimizer == "sgd" and hp.momentum == 0 and hp.weight_decay == 0
         if hp.init == "xavier":  # spec defaults: Xavier-uniform weights, zero biases
             for m in self.layers:
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                draw_init(m.weight, m.bias, "xavier")
         # new connections start from these initial values [release]; no connection exists before task 0
         for l, m in enumerate(self.layers):
             self.register_buffer(f"init_{l}", m.weight.detach().clone())
@@ -111,7 +53,7 @@ class SpaceNet(Method):
         # the budget must fit the positions task 0 will offer (needs the data's input size and classes)
         sel = [self.net.sizes[0], *(s or w for s, w in zip(hp.sel, self.net.sizes[1:L])), stream.classes_per_task]
         for l in range(L):
-            _fit(cfg, l, sel[l] * self.net.group[l], sel[l + 1], self.layers[l].owner.numel(), self.names[l])
+            budget_fit(cfg, l, sel[l] * self.net.group[l], sel[l + 1], self.layers[l].owner.numel(), self.names[l])
         self.figdata: dict = {}  # what the paper's figures need, captured on the way (plain data)
         self.omega_sums: dict = {}  # layer -> BlockSum feeding omega_<l> from the trained block
 
@@ -312,21 +254,14 @@ class SpaceNet(Method):
         """SpaceNet-Rehearsal trains on the task's data shuffled together with the stored data of the old
         tasks, so every minibatch replays old classes in proportion (old connections stay frozen)."""
         if self.hp.rehearsal and task.id > 0:
-            task = dataclasses.replace(task, train=self.replay_split(task))
+            task = dataclasses.replace(task, train=self._replay(task))
         return super().fit_task(task)
 
-    def replay_split(self, task) -> Split:
-        g = torch.Generator().manual_seed(self.cfg.seed * 1000 + task.id)
-        xs, ys = [task.train.x], [task.train.y]
-        for old in self.stream.tasks[:task.id]:
-            n = len(old.train.y)
-            keep = (torch.randperm(n, generator=g)[:self.hp.memory] if self.hp.memory else torch.arange(n))
-            xs.append(old.train.x[keep.to(self.device)])
-            ys.append(old.train.y[keep.to(self.device)])
-        return Split(torch.cat(xs), torch.cat(ys))
+    def _replay(self, task):
+        return replay_split(task, self.stream.tasks[:task.id], self.hp.memory, self.cfg.seed * 1000 + task.id)
 
     def steps_per_task(self, task) -> int:
-        n = len(task.train.y)
+        n = len(task.train.y)  # + the stored samples of old tasks that rehearsal replays
         if self.hp.rehearsal:
             n += sum(min(len(o.train.y), self.hp.memory or len(o.train.y)) for o in self.stream.tasks[:task.id])
         return self.hp.epochs * -(-n // self.hp.batch_size)

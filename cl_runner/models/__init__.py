@@ -128,5 +128,20 @@ class CNNWide(nn.Module):
         return self.out(self.features(x)).mean((2, 3))  # global average pool → [N, n_outputs]
 
 
+@torch.no_grad()
+def draw_init(w: torch.Tensor, b: torch.Tensor | None, scheme: str) -> None:
+    """Fill a weight (and its bias) in place: xavier = Glorot uniform and zero bias; model = PyTorch's
+    default for Linear / Conv2d (Kaiming uniform, a = √5), U(±1/√fan_in) for the bias."""
+    if scheme == "xavier":
+        nn.init.xavier_uniform_(w)
+        if b is not None:
+            nn.init.zeros_(b)
+    else:
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        if b is not None:
+            bound = 1 / math.sqrt(w[0].numel())
+            nn.init.uniform_(b, -bound, bound)
+
+
 def build_model(cfg, stream) -> nn.Module:
     return MODELS.get(cfg.model.name)(cfg.model, stream.input_shape, stream.n_outputs)

@@ -1,0 +1,96 @@
+"""The keys of each mask-based method (types and ranges; values in conf/method/*.yaml) and the checks
+that need more than one key, run by config.validate before anything is built."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+from ..config import MethodConfig, key
+from ..errors import ConfigError
+
+
+@dataclass
+class SpaceNetConfig(MethodConfig):
+    init: str = key(choices=("xavier", "model"))
+    sel: List[int] = key(ge=0, per_layer="hidden")  # 0 = every free neuron
+    spec: List[int] = key(ge=0, per_layer="hidden")
+    budget_unit: str = key(choices=("selected", "layer", "count"))
+    budget: List[float] = key(gt=0, per_layer="weights")
+    rewire: bool = key()
+    r: float = key(ge=0, lt=1)
+    rewire_output: bool = key()
+    rewire_last_epoch: bool = key()
+    grow: str = key(choices=("top", "sample"))
+    neuron_importance: str = key(choices=("cumulative", "sum"))
+    importance_reset: str = key(choices=("task", "epoch"))
+    train_bias: str = key(choices=("free", "selected", "none"))
+    out_bias: str = key(choices=("task", "seen"))
+    set_aside: bool = key()
+    rehearsal: bool = key()
+    memory: int = key(ge=0)  # stored samples per old task; 0 = all its training data
+    figures: bool = key()
+
+
+def _widths(model_cfg) -> list:
+    return [*model_cfg.get("channels", []), *model_cfg.hidden]
+
+
+def budget_fit(cfg, l: int, n_in: int, n_out: int, total: int, name: str) -> int:
+    """n_l for weight layer l (`total` connections, `n_in × n_out` positions between selected neurons);
+    a budget that cannot fit those positions is a one-line ConfigError."""
+    b, unit = cfg.method.budget[l], cfg.method.budget_unit
+    if unit == "count" and b != int(b):
+        raise ConfigError(f"method.budget[{l}]={b} must be a whole number of connections (budget_unit=count)")
+    if unit != "count" and b > 1:
+        raise ConfigError(f"method.budget[{l}]={b} must be a fraction <= 1 (budget_unit={unit})")
+    n = int(b) if unit == "count" else max(1, round(b * (total if unit == "layer" else n_in * n_out)))
+    if n > n_in * n_out:
+        raise ConfigError(f"method.budget[{l}]={b:g} asks for {n} connections in {name} but only "
+                          f"{n_in} x {n_out} = {n_in * n_out} positions join its selected neurons "
+                          "(lower method.budget or raise method.sel)")
+    return n
+
+
+def check_spacenet(cfg) -> None:
+    m, widths = cfg.method, _widths(cfg.model)
+    for i, (w, s, p) in enumerate(zip(widths, m.sel, m.spec)):
+        if s > w:
+            raise ConfigError(f"method.sel={s} exceeds the {w} units of hidden layer {i + 1}")
+        if p > (s or w):
+            raise ConfigError(f"method.spec={p} exceeds method.sel={s or w} in hidden layer {i + 1}")
+    sizes, n_conv = [s or w for s, w in zip(m.sel, widths)], len(cfg.model.get("channels", []))
+    for i in range(1, len(widths)):  # the layers whose size needs the data are checked in __init__
+        if i != n_conv:
+            budget_fit(cfg, i, sizes[i - 1], sizes[i], widths[i - 1] * widths[i], f"weight layer {i + 1}")
+    if m.rehearsal and cfg.model.head != "single":
+        raise ConfigError("method.rehearsal=true replays old classes: it needs model.head=single")
+
+
+@dataclass
+class CLNPConfig(MethodConfig):
+    l1: List[float] = key(ge=0, per_layer="weights")  # λ_l (Sec. 2.2)
+    margin: float = key(ge=0)  # m, in accuracy points (absolute) or percent of `best` (relative)
+    margin_mode: str = key(choices=("absolute", "relative"))
+    threshold: str = key(choices=("per_layer", "shared"))
+    scan: str = key(choices=("bisect", "grid"))
+    scan_steps: int = key(ge=1)  # validation passes per scanned θ (the scan's bound)
+    scan_order: str = key(choices=("last_first", "first_last"))
+    activity_split: str = key(choices=("train", "val"))
+    reinit_free: bool = key()
+    out_bias: str = key(choices=("first_task", "zero"))
+    finetune_epochs: int = key(ge=0)
+    finetune_lr: float = key(gt=0)
+    depleted: str = key(choices=("stop", "transfer"))
+    init: str = key(choices=("model", "xavier"))
+
+
+def check_clnp(cfg) -> None:
+    if cfg.dataset.val_fraction <= 0:
+        raise ConfigError("method=clnp needs dataset.val_fraction > 0 (the threshold scan runs on the "
+                          "validation split; the paper holds out 0.1)")
+    if cfg.model.get("activation", "relu") != "relu":
+        raise ConfigError(f"method=clnp prunes by mean ReLU activity: it needs model.activation=relu, "
+                          f"got {cfg.model.activation}")
+    if cfg.method.depleted == "transfer" and cfg.model.head != "multi":
+        raise ConfigError("method.depleted=transfer (head-only training once the last hidden layer is "
+                          "full) needs model.head=multi")
