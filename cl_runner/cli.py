@@ -1,4 +1,7 @@
-"""Entry points: `cl-run` (Hydra app) and the sweep callback that makes one parent MLflow run per sweep."""
+"""Entry points: `cl-run` (Hydra app) and its Hydra callbacks: the folder check before Hydra writes into the
+run or sweep folder, and the sweep callback that makes one parent MLflow run per sweep. Every error a user
+can cause ends here in one line: `cl-run: error: ...`, exit code 2 (1 for a run that failed after it started).
+"""
 from __future__ import annotations
 
 import functools
@@ -13,7 +16,7 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .errors import CapacityError, ConfigError, UserError
+from .errors import CapacityError, ConfigError, TrainingError, UserError
 from .launch import is_multirun, missing_plugin, pin_threads, sampling_sweeper
 
 log = logging.getLogger("cl_runner")
@@ -56,16 +59,16 @@ def _hydra_app(cfg: DictConfig) -> float:
         return run(cfg)
     except UserError as e:
         sys.stderr.write(f"cl-run: error: {e}\n")
-        if is_multirun() and isinstance(e, (CapacityError, ConfigError)):
+        if is_multirun() and isinstance(e, (CapacityError, ConfigError, TrainingError)):
             if sampling_sweeper():
                 # a search sweeper (Optuna) drew a config that cannot run (sel > layer width) or ran out of
                 # capacity: the trial fails and the study goes on (the sweeper catches the job's exception;
                 # a NaN return would crash optuna's tell)
                 raise TrialFailed(str(e)) from None
-            if isinstance(e, CapacityError):
-                # a job that ran out of capacity is an outcome (results.json keeps its rows, status
-                # "failed"), not a mistake in the sweep: the other jobs go on. A config error in a grid
-                # sweep is the user's and stops the sweep.
+            if isinstance(e, (CapacityError, TrainingError)):
+                # a job that ran out of capacity or diverged is an outcome (results.json keeps its rows,
+                # status "failed"), not a mistake in the sweep: the other jobs go on. A config error in a
+                # grid sweep is the user's and stops the sweep.
                 return float("nan")
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # results.json already holds every finished task (status "failed")
@@ -80,10 +83,10 @@ class TrialFailed(Exception):
 def finished_before(cfg: DictConfig) -> float | None:
     """In a multirun with skip_finished: the final accuracy of a finished run with this job's config
     (results.json under paths.outputs, else the MLflow experiment), or None to run the job."""
-    if not cfg.get("skip_finished") or cfg.get("resume") not in (False, None) or not is_multirun():
+    if not cfg.skip_finished or cfg.resume not in (False, None) or not is_multirun():
         return None
     from .checkpoint import find_finished
-    from .tracking import config_hash
+    from .identity import config_hash
 
     try:
         h = config_hash(cfg)
@@ -100,12 +103,12 @@ def finished_before(cfg: DictConfig) -> float | None:
 
 
 def _finished_in_mlflow(cfg: DictConfig, h: str) -> dict | None:
-    from .tracking import check_reachable, mlflow_client, tracking_uri
+    from .tracking import mlflow_store
 
     try:
-        uri = tracking_uri(cfg)
-        check_reachable(uri, cfg.mlflow.connect_timeout_s)
-        client = mlflow_client(uri)
+        uri = mlflow_store.tracking_uri(cfg.mlflow.uri, cfg.paths.outputs)
+        mlflow_store.check_usable(uri, cfg.mlflow.connect_timeout_s)
+        client = mlflow_store.client(uri)
         exp = client.get_experiment_by_name(cfg.mlflow.experiment)
         runs = [] if exp is None else client.search_runs(
             [exp.experiment_id], f"tags.config_hash = '{h}' and attributes.status = 'FINISHED'", max_results=1)
@@ -123,7 +126,68 @@ def main() -> None:
     # here on 2 cores: 0.5 s -> 16 s per epoch); passive waiting costs little when the machine is idle.
     # Set before torch loads (it is imported by the job), so sweep workers inherit it too.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _composition_errors_in_one_line()
     _hydra_app()
+
+
+def _composition_errors_in_one_line() -> None:
+    """Hydra reports a config it cannot compose (`method.nonexistent=1` without `+`) in several lines and exit
+    1, from inside its own runner (hydra._internal.utils.run_and_report, which `hydra.main` looks up when it
+    runs). Wrap that runner so these errors end as ours do: one line, exit 2."""
+    from hydra._internal import utils as hydra_utils
+    from hydra.errors import ConfigCompositionException
+
+    report = hydra_utils.run_and_report
+    if getattr(report, "cl_runner_wrapped", False):
+        return
+
+    def run_and_report(func):
+        def guarded():
+            try:
+                return func()
+            except ConfigCompositionException as e:
+                sys.stderr.write(f"cl-run: error: {composition_error(e)}\n")
+                sys.exit(2)
+
+        return report(guarded)
+
+    run_and_report.cl_runner_wrapped = True
+    hydra_utils.run_and_report = run_and_report
+
+
+def composition_error(e: Exception) -> str:
+    """One line for Hydra's composition error: an unknown key names the keys its section knows."""
+    cause = e.__cause__
+    node = getattr(cause, "parent_node", None)
+    if "Could not override" in str(e) and isinstance(node, DictConfig) and getattr(cause, "full_key", None):
+        section = node._get_full_key(None)
+        known = ", ".join(k for k in node.keys() if k != "hydra")
+        of = f" of {section}" + (f" {node.name}" if section == "method" and "name" in node else "") if section else ""
+        return f"{cause.full_key} is not a known key{of} (known keys: {known}); a new key needs +{cause.full_key}=..."
+    return " ".join(str(e).split("\n")[:1]) + (f" ({str(cause).splitlines()[0]})" if cause is not None else "")
+
+
+class FolderCheck(Callback):
+    """Before Hydra makes the run or sweep folder and writes its .hydra/ files there: a folder that cannot be
+    written ends in one line and exit 2 (Hydra would stop in a traceback)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config, config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config, config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(config: DictConfig, folder: str, key: str) -> None:
+        from .tracking.results import make_folder
+
+        try:
+            make_folder(Path(config.paths.outputs), "paths.outputs")
+            make_folder(Path(folder), f"the {'sweep' if 'sweep' in key else 'run'} folder ({key})",
+                        f"point {key} (or paths.outputs) at a writable folder")
+        except UserError as e:
+            sys.stderr.write(f"cl-run: error: {e}\n")
+            sys.exit(e.exit_code)
 
 
 class SweepCallback(Callback):
@@ -135,21 +199,24 @@ class SweepCallback(Callback):
         if config.tracking != "mlflow":
             return
         from .errors import TrackingError
-        from .tracking import check_reachable, ensure_experiment, git_commit, mlflow_client, tracking_uri
+        from .tracking import mlflow_store
 
         try:
-            uri = tracking_uri(config)
-            check_reachable(uri, config.mlflow.connect_timeout_s)
-            client = mlflow_client(uri)
-            exp_id = ensure_experiment(client, config.mlflow.experiment, uri, Path(config.paths.outputs))
+            uri = mlflow_store.tracking_uri(config.mlflow.uri, config.paths.outputs)
+            mlflow_store.check_usable(uri, config.mlflow.connect_timeout_s)
+            client = mlflow_store.client(uri)
+            exp_id = mlflow_store.ensure_experiment(client, config.mlflow.experiment, uri, Path(config.paths.outputs))
             sweep_dir = Path(config.hydra.sweep.dir)
             overrides = " ".join(config.hydra.overrides.task)
             run = client.create_run(exp_id, run_name=f"sweep {sweep_dir.name}", tags={
                 "cl_runner.sweep_parent": "true", "sweep_dir": str(sweep_dir), "overrides": overrides,
-                "git_commit": git_commit()})
+                "git_commit": mlflow_store.git_commit()})
         except TrackingError as e:
             sys.stderr.write(f"cl-run: error: {e}\n")
             sys.exit(e.exit_code)
+        except Exception as e:  # noqa: BLE001 - the store answered, but refused the parent run
+            sys.stderr.write(f"cl-run: error: MLflow at {uri} refused the sweep's parent run: {mlflow_store.short(e)}\n")
+            sys.exit(2)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / "mlflow_parent.json").write_text(json.dumps({"run_id": run.info.run_id, "uri": uri}))
         self.client, self.run_id, self.exp_id = client, run.info.run_id, exp_id

@@ -5,12 +5,16 @@ Schemas give types and allowed ranges; the values themselves live in the YAML fi
 chosen method / dataset / model (wrong type, unknown key, missing key, out-of-range value) and raises
 a one-line `ConfigError` naming the key and what is allowed. Keys that take "one number or a
 per-layer list" are typed as lists; a scalar is expanded here to one entry per layer.
+
+Run identity is declared here too, once: a key marked `identity=False` says where or how a run runs, never
+what it computes. `identity.py` derives from these marks the config hash (resume and skip_finished match
+on it), cl-report's rows and Hydra's job folder names (conf/config.yaml).
 """
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, List, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -20,10 +24,13 @@ from .errors import ConfigError
 from .registry import DATASETS, METHODS, MODELS
 
 
-def key(*, ge=None, gt=None, le=None, lt=None, choices=None, per_layer=None, default=MISSING):
-    """A schema field with its allowed range. `per_layer` = "hidden" | "weights" expands a scalar."""
+def key(*, ge=None, gt=None, le=None, lt=None, choices=None, per_layer=None, default=MISSING, identity=True):
+    """A schema field with its allowed range. `per_layer` = "hidden" | "weights" expands a scalar.
+    `identity=False`: the key does not change what a run computes (identity.py)."""
     meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices, per_layer=per_layer).items()
             if v is not None}
+    if not identity:
+        meta["identity"] = False
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -83,46 +90,56 @@ class CNNWideConfig(ModelConfig):
     batch_norm: bool = key()  # BatchNorm between each of convs 1-5 and its ReLU (the paper: yes)
 
 
+# Where and how a run runs. The device, its thread count and matmul precision change float rounding, not
+# the experiment: a run resumed or skipped on another machine is the same run, and cl-report averages CPU
+# and GPU seeds in one row. (Runs are bit-identical only on the same device and thread count.)
 @dataclass
 class HardwareConfig:
-    device: str = key(choices=("auto", "cpu", "cuda"))
-    threads: int = key(ge=0)  # 0 = leave torch's default
-    deterministic: bool = key()
-    matmul_precision: str = key(choices=("highest", "high", "medium"))
+    device: str = key(choices=("auto", "cpu", "cuda"), identity=False)
+    threads: int = key(ge=0, identity=False)  # 0 = leave torch's default
+    deterministic: bool = key(identity=False)
+    matmul_precision: str = key(choices=("highest", "high", "medium"), identity=False)
 
 
 @dataclass
-class PathsConfig:
-    outputs: str = key()
-    data: str = key()
-    cache: str = key()
+class PathsConfig:  # the same data in another folder is the same data
+    outputs: str = key(identity=False)
+    data: str = key(identity=False)
+    cache: str = key(identity=False)
 
 
 @dataclass
-class MlflowConfig:
-    experiment: str = key()
-    uri: Optional[str] = key()  # null: $MLFLOW_TRACKING_URI, else sqlite:///<outputs>/mlflow.db
-    connect_timeout_s: float = key(gt=0, le=30)
+class MlflowConfig:  # where results are logged
+    experiment: str = key(identity=False)
+    uri: Optional[str] = key(identity=False)  # null: $MLFLOW_TRACKING_URI, else sqlite:///<outputs>/mlflow.db
+    connect_timeout_s: float = key(gt=0, le=30, identity=False)
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = key(ge=1)
+    batch_size: int = key(ge=1, identity=False)  # memory only: each test image's logits do not depend on it
     fwt: bool = key()  # also evaluate each task before it is trained, against a random-init reference
 
 
 @dataclass
 class RunConfig:
-    seed: int = key(ge=0)
-    tracking: str = key(choices=("mlflow", "local"))
-    resume: Any = key()  # false | true (newest unfinished run with this config) | a run folder
-    progress: str = key(choices=("auto", "bar", "log", "off"))
-    checkpoint: bool = key()  # write checkpoint.pt at every task boundary
-    skip_finished: bool = key()  # multirun: skip a job whose config already has a finished run
+    seed: int = key(ge=0)  # identifies the run; cl-report averages over it
+    tracking: str = key(choices=("mlflow", "local"), identity=False)
+    resume: Any = key(identity=False)  # false | true (newest unfinished run with this config) | a run folder
+    progress: str = key(choices=("auto", "bar", "log", "off"), identity=False)
+    checkpoint: bool = key(identity=False)  # write checkpoint.pt at every task boundary
+    skip_finished: bool = key(identity=False)  # multirun: skip a job whose config already has a finished run
+    # what to do when the training loss stops being finite; a run that stays finite computes the same either
+    # way, and a stopped run may be resumed with `continue`, so it is not part of the identity
+    on_nonfinite: str = key(choices=("stop", "continue"), identity=False)
 
 
 # top-level sections besides method / dataset / model, each with its own schema
 SECTIONS = {"paths": PathsConfig, "mlflow": MlflowConfig, "eval": EvalConfig, "hardware": HardwareConfig}
+# conf/launcher/ presets have no schema (their keys feed hydra.launcher): the whole section says how jobs
+# are launched, never what they compute
+UNCHECKED_SECTIONS_NOT_IDENTITY = ("launcher",)
+
 
 
 def register_schemas() -> None:

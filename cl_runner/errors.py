@@ -21,3 +21,9 @@ class TrackingError(UserError):
 
 class CapacityError(UserError):
     """A method ran out of free capacity mid-run (results so far are kept)."""
+
+
+class TrainingError(UserError):
+    """A run failed after it started (e.g. its loss became NaN): the finished tasks are kept, exit code 1."""
+
+    exit_code = 1

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .tracking import names
+
 
 @torch.no_grad()
 def evaluate_tasks(method, stream, task_ids: list, seen_ids: list, batch_size: int) -> tuple[list, list]:
@@ -86,11 +88,6 @@ def forward_transfer(before: list, random_init: list) -> float:
 
 
 def summary(R: list, R_til: list) -> dict:
-    return {
-        "final/avg_acc": average_accuracy(R),
-        "final/avg_acc_til": average_accuracy(R_til),
-        "final/bwt": backward_transfer(R),
-        "final/bwt_til": backward_transfer(R_til),
-        "final/forgetting": forgetting(R),
-        "final/forgetting_til": forgetting(R_til),
-    }
+    """The end-of-run CL metrics of both matrices, under their metric names."""
+    return {names.final(name + suffix): fn(M) for suffix, M in (("", R), ("_til", R_til))
+            for name, fn in (("avg_acc", average_accuracy), ("bwt", backward_transfer), ("forgetting", forgetting))}

@@ -5,35 +5,33 @@
     cl-report --parent <sweep run id> --metrics capacity/fc1/used_frac --csv table.csv
     cl-report --sync outputs --tracking-uri http://127.0.0.1:5000   # upload what a dead server missed
 
-A row is a method × dataset (config names) plus every config key that takes more than one value
-within that method × dataset (the swept keys), so seeds are what a row averages over.
+A row is a method × dataset (config names) plus every identity key (identity.py) that takes more than one
+value within that method × dataset (the swept keys), so seeds are what a row averages over. A config and
+seed that ran more than once counts once, with its newest run: a row's n is its number of seeds.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import io
-import json
 import math
 import os
 import re
-import socket
 import statistics
 import sys
 from collections import Counter
 from dataclasses import dataclass
-from glob import glob
+from datetime import datetime
 from pathlib import Path
-from urllib.parse import urlparse
 
 from .errors import TrackingError, UserError
+from .identity import is_identity_key
+from .tracking import mlflow_store, names
+from .tracking.results import ResultsError, flat_config, read_results, run_files
 
 # column label -> metric name (the same names in MLflow and in results.json)
-COLUMNS = {"acc (class-IL)": "final/avg_acc", "acc (task-IL)": "final/avg_acc_til", "BWT": "final/bwt",
-           "forgetting": "final/forgetting", "time (s)": "time/total_s"}
-# keys that say where or how a run ran, never which experiment it is
-NOT_EXPERIMENT = ("seed", "tracking", "progress", "resume", "launcher", "eval.batch_size",
-                  "paths.", "hardware.", "mlflow.")
+COLUMNS = {"acc (class-IL)": names.final("avg_acc"), "acc (task-IL)": names.final("avg_acc_til"),
+           "BWT": names.final("bwt"), "forgetting": names.final("forgetting"), "time (s)": names.TOTAL_TIME}
 DASH = "–"
 
 
@@ -46,6 +44,7 @@ class RunRecord:
     metrics: dict[str, float]
     status: str = "finished"
     source: str = ""  # results.json path or MLflow run id
+    time: float = 0.0  # when the run last changed (Unix seconds): the newest of a config and seed counts
 
 
 @dataclass
@@ -58,94 +57,55 @@ class Row:
     statuses: Counter  # status -> number of runs
     paper: str | None = None  # None: references not requested
     flag: str | None = None
+    older: int = 0  # runs left out: an older run of a config and seed that ran again
 
 
 # ------------------------------------------------------------------------------------- collecting
-def flatten(d: dict, prefix: str = "") -> dict[str, str]:
-    """Nested config -> {"method.lr": "0.01", ...}, values as str() like MLflow params."""
-    out = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": str(v)})
-    return out
-
-
-def _is_run(f: Path) -> bool:
-    # MLflow's own copies of results.json (<artifact root>/<run>/artifacts/results.json) are not runs:
-    # counted beside their run folders they would double every seed of `cl-report outputs`
-    return f.parent.name != "artifacts"
-
-
-def result_files(paths: list[str]) -> list[Path]:
-    """results.json files: those named, and the runs' ones found in folders and quoted patterns."""
-    files = []
-    for p in paths:
-        path = Path(p)
-        if path.is_dir():
-            files += [f for f in sorted(path.rglob("results.json")) if _is_run(f)]
-        elif path.is_file():
-            files.append(path)
-        elif any(c in p for c in "*?["):  # a quoted pattern the shell did not expand
-            files += [Path(f) for f in sorted(glob(p, recursive=True)) if Path(f).is_file() and _is_run(Path(f))]
-        else:
-            raise UserError(f"no such file or folder: {p}")
-    return files
-
-
-def read_results(path: Path) -> RunRecord:
+def record_of(path: Path) -> RunRecord:
+    """A results.json as a RunRecord; ResultsError (one line) when it is not a run's record."""
+    data = read_results(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("schema_version") != 1:
-            raise UserError(f"{path}: schema_version {data.get('schema_version')!r}, expected 1")
-        cfg, choices = data.get("config") or {}, data.get("choices") or {}
+        cfg, choices = data["config"], data.get("choices") or {}
         metrics = {k: float(v) for k, v in (data.get("metrics") or {}).items() if isinstance(v, (int, float))}
-        if "time/total_s" not in metrics and (data.get("timings") or {}).get("total_s") is not None:
-            metrics["time/total_s"] = float(data["timings"]["total_s"])
+        if names.TOTAL_TIME not in metrics and (data.get("timings") or {}).get("total_s") is not None:
+            metrics[names.TOTAL_TIME] = float(data["timings"]["total_s"])
+        updated = data.get("updated")
+        when = datetime.fromisoformat(updated).timestamp() if updated else path.stat().st_mtime
         return RunRecord(method=choices.get("method") or cfg["method"]["name"],
                          dataset=choices.get("dataset") or cfg["dataset"]["name"], seed=cfg.get("seed"),
-                         params=flatten(cfg), metrics=metrics, status=str(data.get("status")), source=str(path))
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-    except (AttributeError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is not a cl_runner results file ({type(e).__name__}: {e})") from None
+                         params=flat_config(cfg), metrics=metrics, status=str(data.get("status")),
+                         source=str(path), time=when)
+    except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+        raise ResultsError(f"{path} is not a cl_runner results file ({type(e).__name__}: {e})") from None
 
 
-def collect_from_results(paths: list[str], all_runs: bool = False) -> list[RunRecord]:
-    records = [read_results(f) for f in result_files(paths)]
+def collect_from_results(paths: list[str], all_runs: bool = False,
+                         problems: list[str] | None = None) -> list[RunRecord]:
+    """The runs in these results.json files / folders. A file that cannot be read is left out and its one-line
+    reason appended to `problems` (when given; else it is raised)."""
+    records = []
+    for f in run_files(paths):
+        try:
+            records.append(record_of(f))
+        except ResultsError as e:
+            if problems is None:
+                raise
+            problems.append(str(e))
     return [r for r in records if all_runs or r.status == "finished"]
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """--tracking-uri, else $MLFLOW_TRACKING_URI, else the database cl-run writes by default."""
-    outputs = Path(os.environ.get("CL_RUNNER_OUTPUTS", "outputs")).resolve()  # = config.yaml paths.outputs
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{outputs / 'mlflow.db'}"
-
-
-def check_tracking_uri(uri: str) -> None:
-    """Fail fast: MLflow retries a closed server for minutes and creates a missing SQLite file."""
-    u = urlparse(uri)
-    if u.scheme in ("http", "https"):
-        try:
-            port = u.port or (443 if u.scheme == "https" else 80)
-            socket.create_connection((u.hostname, port), timeout=2).close()
-        except (OSError, ValueError) as e:
-            raise TrackingError(f"tracking server {uri} is unreachable ({e})") from None
-    elif u.scheme == "sqlite":
-        db = uri[len("sqlite:///"):].split("?")[0]  # absolute paths keep their leading '/'
-        if db and db != ":memory:" and not Path(db).is_file():
-            raise TrackingError(f"no MLflow database at {db} (pass --tracking-uri, or results.json paths)")
+    return mlflow_store.tracking_uri(uri, os.environ.get("CL_RUNNER_OUTPUTS", "outputs"))  # = paths.outputs
 
 
 def collect_from_mlflow(experiment: str = "cl_runner", parent: str | None = None, filter_string: str = "",
                         tracking_uri: str | None = None, all_runs: bool = False) -> list[RunRecord]:
     uri = resolve_tracking_uri(tracking_uri)
-    check_tracking_uri(uri)
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    from mlflow.tracking import MlflowClient  # imported here: mlflow takes seconds to import
-
+    mlflow_store.check_usable(uri, 2, must_exist=True)
     filters = []
     try:
-        client = MlflowClient(tracking_uri=uri)
+        client = mlflow_store.client(uri)
         if parent:  # the sweep's children live in the parent's experiment, whatever --experiment says
             exp_id = client.get_run(parent).info.experiment_id
             filters.append(f"tags.mlflow.parentRunId = '{parent}'")
@@ -167,8 +127,7 @@ def collect_from_mlflow(experiment: str = "cl_runner", parent: str | None = None
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever the backend raises (MLflow, SQLAlchemy, requests)
-        msg = (getattr(e, "message", None) or str(e) or type(e).__name__).splitlines()[0][:300]
-        raise TrackingError(f"MLflow at {uri}: {msg}") from None
+        raise TrackingError(f"MLflow at {uri}: {mlflow_store.short(e)}") from None
     records = []
     for run in runs:
         tags, params = run.data.tags, run.data.params
@@ -180,20 +139,20 @@ def collect_from_mlflow(experiment: str = "cl_runner", parent: str | None = None
             dataset=tags.get("dataset") or params.get("dataset.name", "?"),
             seed=int(seed) if seed is not None and seed.lstrip("-").isdigit() else None,
             params=dict(params), metrics=dict(run.data.metrics), status=run.info.status.lower(),
-            source=run.info.run_id))
+            source=run.info.run_id, time=(run.info.end_time or run.info.start_time or 0) / 1000))
     return records
 
 
 # ------------------------------------------------------------------------------------ summarising
 def swept_keys(records: list[RunRecord]) -> list[str]:
-    """Config keys with more than one value (or missing in some runs) within a method × dataset."""
+    """Identity keys (seed aside) with more than one value (or missing in some runs) within a method × dataset."""
     groups: dict[tuple, list[RunRecord]] = {}
     for r in records:
         groups.setdefault((r.method, r.dataset), []).append(r)
     keys = set()
     for runs in groups.values():
         for k in set().union(*(r.params for r in runs)):
-            if not k.startswith(NOT_EXPERIMENT) and len({r.params.get(k) for r in runs}) > 1:
+            if k != "seed" and is_identity_key(k) and len({r.params.get(k) for r in runs}) > 1:
                 keys.add(k)
     return sorted(keys)
 
@@ -235,6 +194,17 @@ def _mean_std(values: list) -> tuple[float, float] | None:
     return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else math.nan  # ddof=1
 
 
+def newest_per_seed(runs: list[RunRecord]) -> list[RunRecord]:
+    """One run per seed within a row (the same config and seed ran again: the same experiment, not another
+    sample): a finished run before an unfinished one, then the newest. Runs without a seed all count."""
+    best: dict = {}
+    for i, r in enumerate(runs):
+        k = i if r.seed is None else r.seed
+        if k not in best or (r.status == "finished", r.time) > (best[k].status == "finished", best[k].time):
+            best[k] = r
+    return list(best.values())
+
+
 def summarise(records: list[RunRecord], metrics: list[str] = (), refs: dict | None = None) -> list[Row]:
     keys = swept_keys(records)
     groups: dict[tuple, list[RunRecord]] = {}
@@ -243,9 +213,10 @@ def summarise(records: list[RunRecord], metrics: list[str] = (), refs: dict | No
     columns = {**COLUMNS, **{m: m for m in metrics}}
     rows = []
     for key in sorted(groups, key=lambda key: [_natural(v) for v in key]):
-        runs = groups[key]
+        runs = newest_per_seed(groups[key])
         stats = {label: _mean_std([r.metrics.get(name) for r in runs]) for label, name in columns.items()}
-        row = Row(key[0], key[1], dict(zip(keys, key[2:])), len(runs), stats, Counter(r.status for r in runs))
+        row = Row(key[0], key[1], dict(zip(keys, key[2:])), len(runs), stats, Counter(r.status for r in runs),
+                  older=len(groups[key]) - len(runs))
         if refs is not None:
             _compare(row, refs)
         rows.append(row)
@@ -316,28 +287,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", action="store_true", help="compare with the published numbers (references.yaml)")
     p.add_argument("--all", action="store_true", help="include unfinished runs (shown in a status column)")
     p.add_argument("--sync", action="store_true", help="upload to MLflow (--tracking-uri) what these runs' "
-                   "results.json hold and the server missed (default: outputs/); see cl_runner/sync.py")
+                   "results.json hold and the server missed (default: outputs/); see cl_runner/tracking/sync.py")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.sync:
-        from .sync import main as sync
+        from .tracking.sync import main as sync
 
         return sync(args.paths, resolve_tracking_uri(args.tracking_uri))
     metrics = list(dict.fromkeys(m for arg in args.metrics for m in arg.split(",") if m))
+    problems: list[str] = []  # results.json files that could not be read: warned about, the rest reported
     try:
         if args.paths:
-            records = collect_from_results(args.paths, args.all)
+            records = collect_from_results(args.paths, args.all, problems)
             where = "results.json files in " + ", ".join(args.paths)
         else:
             records = collect_from_mlflow(args.experiment, args.parent, args.filter, args.tracking_uri,
                                           args.all)
             what = f"children of run {args.parent}" if args.parent else f"experiment {args.experiment!r}"
             where = f"MLflow {what} at {resolve_tracking_uri(args.tracking_uri)}"
-        if not records:
-            raise UserError(f"no {'' if args.all else 'finished '}runs found in {where}")
+        if not records:  # nothing to show: the reason is the unreadable file, if that is all there was
+            raise UserError(problems[0] + (f" (and {len(problems) - 1} more unreadable)" if problems[1:] else "")
+                            if problems else f"no {'' if args.all else 'finished '}runs found in {where}")
         rows = summarise(records, metrics, load_references() if args.ref else None)
         if args.csv:
             try:
@@ -347,6 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"cl-report: {e}", file=sys.stderr)
         return 2
-    print(f"Runs: {len(records)}, rows: {len(rows)} (mean ± std over seeds); source: {where}\n")
+    for p in problems:
+        print(f"cl-report: warning: {p}; left out", file=sys.stderr)
+    older = sum(r.older for r in rows)
+    print(f"Runs: {len(records) - older}, rows: {len(rows)} (mean ± std over seeds); source: {where}")
+    if older:
+        print(f"{older} older run(s) of a config and seed that ran again left out (the newest of each counts)")
+    print()
     print(to_markdown(rows))
     return 0

@@ -1,8 +1,9 @@
 """The engine: config → validate → task stream on the device → model → method → train/evaluate per task.
 
 `run(cfg)` is what `cl-run` calls (and what tests and sweepers call directly); it returns the final
-class-IL average accuracy. The engine knows nothing of a method's internals, a method nothing of
-tracking.
+class-IL average accuracy. It reads top to bottom: setup, then per task train / evaluate / checkpoint /
+log, then finish. The engine knows nothing of a method's internals (a method's own figures come back from
+`fit_task` as a dict), a method nothing of tracking.
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -19,14 +19,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from . import checkpoint, plots
+from . import checkpoint, launch, plots
+from .checkpoint import Checkpoint
+from .console import Progress, print_summary
 from .config import validate
 from .data import Split, Task, build_stream
-from .errors import ConfigError, UserError
+from .errors import ConfigError, TrainingError, UserError
 from .evaluate import evaluate_tasks, forward_transfer, summary
+from .identity import config_hash
 from .models import build_model
 from .registry import METHODS
-from .tracking import LocalTracker, MlflowTracker, config_hash, write_json_atomic
+from .tracking import mlflow_store, names
+from .tracking.results import make_folder, new_record, write_json_atomic
+from .tracking.trackers import LocalTracker, MlflowTracker
 
 log = logging.getLogger("cl_runner")
 
@@ -46,8 +51,6 @@ def setup_hardware(h) -> torch.device:
 def set_threads(h, model: nn.Module, stream, batch_size: int) -> None:
     """hardware.threads wins; then parallel jobs' share of the cores; then a lone job's default, which
     depends on how wide a training step is (launch.default_threads)."""
-    from . import launch
-
     threads = h.threads or launch.planned_threads()
     if not threads:
         threads = launch.default_threads(step_macs(model, stream.input_shape, batch_size))
@@ -105,107 +108,71 @@ def hydra_info() -> tuple[Path | None, dict]:
     return Path(hc.runtime.output_dir), info
 
 
-class Progress:
-    """A rich progress bar on a terminal; one log line per task otherwise."""
-
-    def __init__(self, mode: str, n_tasks: int):
-        self.bar = None
-        if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
-
-            self.bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                           TimeElapsedColumn(), transient=True)
-            self.bar.start()
-        self.quiet, self.n_tasks = mode == "off", n_tasks
-
-    def task(self, i: int, steps: int):
-        if self.bar is None:
-            return lambda: None
-        bar_id = self.bar.add_task(f"task {i + 1}/{self.n_tasks}", total=steps)
-        return lambda: self.bar.advance(bar_id)
-
-    def done(self, i: int, row: list, row_til: list, seconds: float) -> None:
-        if self.quiet:
-            return
-        fmt = lambda r: " ".join("  -  " if math.isnan(v) else f"{v:5.1f}" for v in r)  # noqa: E731
-        msg = f"task {i + 1}/{self.n_tasks} done in {seconds:.1f}s | class-IL {fmt(row)} | task-IL {fmt(row_til)}"
-        if self.bar is not None:
-            self.bar.console.print(msg)
-        else:
-            log.info(msg)
-
-    def stop(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
+    """Train the task sequence `cfg` describes, evaluating every task seen after each one; returns the final
+    class-IL average accuracy. A failure ends in one UserError line; results.json keeps the finished tasks."""
     t_start = time.perf_counter()
-    raw = cfg
+    # -- setup: what a bad config, folder or tracking store breaks is reported before any data is loaded
+    hash_ = config_hash(cfg)  # of the config as composed: what resume and skip match on
     cfg = validate(cfg)
     hydra_dir, info = hydra_info()
-    info["config_hash"] = config_hash(raw)  # of the config as composed: what resume and skip match on
     resumed = None if cfg.resume in (False, None) else checkpoint.find_resumable(
-        cfg.resume, Path(cfg.paths.outputs), info["config_hash"])
-    info["resume"] = resumed is not None
+        cfg.resume, Path(cfg.paths.outputs), hash_)
     run_dir = Path(resumed or run_dir or hydra_dir
                    or Path(cfg.paths.outputs) / "runs" / datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f"))
-    info.setdefault("choices", {"method": cfg.method.name, "dataset": cfg.dataset.name, "model": cfg.model.name})
+    make_folder(Path(cfg.paths.outputs), "paths.outputs")
+    make_folder(run_dir, "the run folder", "point hydra.run.dir (or paths.outputs) at a writable folder")
     device = setup_hardware(cfg.hardware)
-    # the tracker comes first: an unreachable server is reported before any data is loaded
-    tracker = (MlflowTracker if cfg.tracking == "mlflow" else LocalTracker)(cfg, run_dir, info)
+    tracker = make_tracker(cfg, run_dir, info, hash_, resumed is not None)
     torch.manual_seed(cfg.seed)
     stream = build_stream(cfg, device)
     model = build_model(cfg, stream).to(device)
-    set_threads(cfg.hardware, model, stream, int(cfg.method.get("batch_size", 1)))
+    set_threads(cfg.hardware, model, stream, cfg.method.batch_size)
     method = METHODS.get(cfg.method.name)(cfg, model, stream, device).to(device)
-
-    T = len(stream.tasks)
     plan = [joint_task(stream)] if method.trains_jointly else stream.tasks
-    nan_row = lambda: [float("nan")] * T  # noqa: E731
-    acc, acc_til, task_s = [], [], []
-    random_til = before_til = None
-    elapsed0, start = 0.0, 0  # seconds spent and tasks done before this process (resume)
+    T = len(stream.tasks)  # columns of the matrices (a joint run has one row over all tasks)
     if resumed is not None:
         ck = checkpoint.load(run_dir)
-        method.load_state_dict(ck["method"])
-        checkpoint.set_rng_state(ck["rng"], device)
-        acc, acc_til, task_s = ck["acc"], ck["acc_til"], ck["task_s"]
-        random_til, before_til, elapsed0, start = ck["random_til"], ck["before_til"], ck["elapsed_s"], len(task_s)
-        tracker.restore(acc, acc_til, ck["capacity"], task_s)
-        log.info("resuming %s after task %d of %d", run_dir, start, len(plan))
-    elif cfg.eval.fwt and not method.trains_jointly:  # reference: the untrained network, task-IL
-        random_til = evaluate_tasks(method, stream, list(range(T)), list(range(T)), cfg.eval.batch_size)[1]
-        before_til = [float("nan")] * T
-    tracker.start()
+        method.load_state_dict(ck.method)
+        checkpoint.set_rng_state(ck.rng, device)
+        tracker.restore(ck.acc, ck.acc_til, ck.capacity, ck.method_metrics, ck.task_s)
+        log.info("resuming %s after task %d of %d", run_dir, ck.tasks_done, len(plan))
+    else:
+        ck = Checkpoint(method={}, rng={}, acc=[], acc_til=[], task_s=[], capacity=[], method_metrics=[],
+                        random_til=None, before_til=None, elapsed_s=0.0, config_hash=hash_, mlflow_run_id=None)
+        if cfg.eval.fwt and not method.trains_jointly:  # reference: the untrained network, task-IL
+            ck.random_til = evaluate_tasks(method, stream, list(range(T)), list(range(T)), cfg.eval.batch_size)[1]
+            ck.before_til = [float("nan")] * T
+    elapsed0 = ck.elapsed_s  # seconds spent by the processes before this one
+    tracker.start(torch.get_num_threads())
+    method.on_nonfinite = nonfinite_policy(cfg.on_nonfinite, tracker, len(plan))
     progress = Progress(cfg.progress, len(plan))
+
+    # -- per task: train, evaluate every task seen, checkpoint, then results.json and MLflow
     status, error = "failed", None
     try:
-        for i, task in enumerate(plan):
-            if i < start:
-                continue
-            t0 = time.perf_counter()
-            if before_til is not None:
-                before_til[i] = evaluate_tasks(method, stream, [i], [i], cfg.eval.batch_size)[1][0]
+        for i in range(ck.tasks_done, len(plan)):
+            task, t0 = plan[i], time.perf_counter()
+            if ck.before_til is not None:
+                ck.before_til[i] = evaluate_tasks(method, stream, [i], [i], cfg.eval.batch_size)[1][0]
             method.on_step = progress.task(i, method.steps_per_task(task))
-            method.fit_task(task)
+            diagnostics = method_metrics(method, method.fit_task(task))
             seen = list(range(T)) if method.trains_jointly else list(range(i + 1))
             row, row_til = evaluate_tasks(method, stream, seen, seen, cfg.eval.batch_size)
-            acc.append(nan_row()), acc_til.append(nan_row())
-            acc[i][: len(row)], acc_til[i][: len(row_til)] = row, row_til
-            task_s.append(time.perf_counter() - t0)
+            ck.acc.append(row + [float("nan")] * (T - len(row)))  # NaN: task not seen yet
+            ck.acc_til.append(row_til + [float("nan")] * (T - len(row_til)))
+            ck.task_s.append(time.perf_counter() - t0)
             cap = method.capacity()
+            ck.capacity += [cap] if cap is not None else []
+            ck.method_metrics.append(diagnostics)
             if cfg.checkpoint:  # before results.json: a kill between the two resumes from this task's end
-                checkpoint.save(run_dir, {
-                    "method": method.state_dict(), "rng": checkpoint.rng_state(device), "acc": acc,
-                    "acc_til": acc_til, "task_s": task_s, "random_til": random_til, "before_til": before_til,
-                    "capacity": [*tracker.state["capacity"], *([cap] if cap is not None else [])],
-                    "elapsed_s": elapsed0 + time.perf_counter() - t_start, "config_hash": info["config_hash"],
-                    "mlflow_run_id": tracker.mlflow_run_id})
-            tracker.log_task(i, acc, acc_til, cap, task_s[-1], {f"time/task_{i}_s": task_s[-1]})
-            progress.done(i, acc[i], acc_til[i], task_s[-1])
+                ck.method, ck.rng = method.state_dict(), checkpoint.rng_state(device)
+                ck.elapsed_s, ck.mlflow_run_id = elapsed0 + time.perf_counter() - t_start, tracker.mlflow_run_id
+                checkpoint.save(run_dir, ck)
+            tracker.log_task(i, ck.acc, ck.acc_til, cap, diagnostics, ck.task_s[-1])
+            progress.done(i, ck.acc[i], ck.acc_til[i], ck.task_s[-1])
         status = "finished"
-    except UserError as e:  # e.g. capacity exhausted: keep every finished row
+    except UserError as e:  # e.g. capacity exhausted, a non-finite loss: keep every finished row
         error = str(e)
         raise
     except KeyboardInterrupt:
@@ -215,23 +182,73 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         error = f"{type(e).__name__}: {e}"
         raise
     finally:
+        # -- finish: final metrics and artifacts, whatever happened (the finished tasks are results too)
         progress.stop()
-        metrics = summary(acc, acc_til) if acc else {}
-        if random_til is not None:
-            metrics["final/fwt_til"] = forward_transfer(before_til, random_til)
-        if tracker.state["capacity"]:  # the last capacity snapshot is final too (cl-report --metrics capacity/...)
-            metrics.update({f"capacity/{layer}/{q}": float(v) for layer, qs in tracker.state["capacity"][-1].items()
-                            for q, v in qs.items()})
-        metrics["time/total_s"] = elapsed0 + time.perf_counter() - t_start
-        metrics.update({f"time/task_{i}_s": s for i, s in enumerate(task_s)})
-        artifacts = write_artifacts(run_dir, cfg, acc, acc_til, tracker.state["capacity"], method) if acc else {}
+        metrics = final_metrics(ck, elapsed0 + time.perf_counter() - t_start)
+        artifacts = write_artifacts(run_dir, cfg, ck, method) if ck.acc else {}
         tracker.finish(metrics, artifacts, status, error)
-    print_summary(acc, acc_til, metrics, run_dir)
-    return metrics["final/avg_acc"]
+    print_summary(ck.acc, ck.acc_til, metrics, run_dir)
+    return metrics[names.final("avg_acc")]
 
 
-def write_artifacts(run_dir: Path, cfg, acc, acc_til, capacity, method) -> dict:
+def make_tracker(cfg, run_dir: Path, info: dict, hash_: str, resumed: bool) -> LocalTracker:
+    """results.json always; MLflow too with tracking=mlflow (its store is checked now, before data loads)."""
+    record = None if resumed else new_record(
+        OmegaConf.to_container(cfg, resolve=True), hash_, info.get("choices") or
+        {"method": cfg.method.name, "dataset": cfg.dataset.name, "model": cfg.model.name},
+        info.get("overrides", []), run_dir, mlflow_store.git_commit())
+    if cfg.tracking == "local":
+        return LocalTracker(run_dir, record)
+    return MlflowTracker(run_dir, record, uri=mlflow_store.tracking_uri(cfg.mlflow.uri, cfg.paths.outputs),
+                         experiment=cfg.mlflow.experiment, outputs=Path(cfg.paths.outputs),
+                         connect_timeout_s=cfg.mlflow.connect_timeout_s, parent_run_id=info.get("parent_run_id"))
+
+
+def nonfinite_policy(on_nonfinite: str, tracker: LocalTracker, n_tasks: int):
+    """Method.on_nonfinite: mark the run where its loss first went NaN/inf; stop it, or let it go on."""
+    first = []
+
+    def hook(task, epoch: int) -> None:
+        where = f"task {task.id + 1}/{n_tasks}, epoch {epoch + 1}"
+        if not first:
+            first.append(where)
+            tracker.mark("nonfinite_loss", where)
+            if on_nonfinite == "continue":
+                log.warning("the training loss became non-finite in %s; training goes on (on_nonfinite=continue) "
+                            "and the run is marked nonfinite_loss", where)
+        if on_nonfinite == "stop":
+            raise TrainingError(f"the training loss became non-finite in {where}; the run stops with the tasks "
+                                "finished so far (lower method.lr, or on_nonfinite=continue to train on)")
+
+    return hook
+
+
+def method_metrics(method, diagnostics) -> dict:
+    """What fit_task returned, checked: {name: float} (the engine logs it as method/<name>)."""
+    if not isinstance(diagnostics, dict):
+        raise TypeError(f"{type(method).__name__}.fit_task returned {type(diagnostics).__name__}; it must return "
+                        "a dict {name: float} of diagnostics ({} for none)")
+    return {str(k): float(v) for k, v in diagnostics.items()}
+
+
+def final_metrics(ck: Checkpoint, total_s: float) -> dict:
+    """End-of-run figures: CL metrics over the matrices (none when no task finished), FWT, the last capacity
+    snapshot and method diagnostics (cl-report --metrics reads them), and the times."""
+    metrics = summary(ck.acc, ck.acc_til) if ck.acc else {}
+    if ck.random_til is not None:
+        metrics[names.final("fwt_til")] = forward_transfer(ck.before_til, ck.random_til)
+    if ck.capacity:
+        metrics.update({names.capacity(layer, q): float(v) for layer, qs in ck.capacity[-1].items() for q, v in qs.items()})
+    if ck.method_metrics:
+        metrics.update({names.method(k): v for k, v in ck.method_metrics[-1].items()})
+    metrics[names.TOTAL_TIME] = total_s
+    metrics.update({names.task_time(i): s for i, s in enumerate(ck.task_s)})
+    return metrics
+
+
+def write_artifacts(run_dir: Path, cfg, ck: Checkpoint, method) -> dict:
     """Matrices (JSON + CSV), heatmap, resolved config, capacity JSON + plot: {mlflow subfolder: dir}."""
+    acc, acc_til, capacity = ck.acc, ck.acc_til, ck.capacity
     out = run_dir / "artifacts"
     out.mkdir(exist_ok=True)
     write_json_atomic(out / "acc_matrix.json", {"class_il": acc, "task_il": acc_til})
@@ -246,22 +263,3 @@ def write_artifacts(run_dir: Path, cfg, acc, acc_til, capacity, method) -> dict:
         plots.capacity_plot(capacity, out / "capacity.png")
     method.write_artifacts(out)
     return {"": out}
-
-
-def print_summary(acc, acc_til, metrics, run_dir: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(highlight=False, soft_wrap=True, width=max(100, Console().width))
-    for title, R in (("class-IL accuracy (%)", acc), ("task-IL accuracy (%)", acc_til)):
-        table = Table(title=f"{title}  (row: after task i, column: on task j)", title_justify="left")
-        table.add_column("after")
-        for j in range(len(R[0])):
-            table.add_column(f"T{j}", justify="right")
-        for i, r in enumerate(R):
-            table.add_row(str(i), *("-" if math.isnan(v) else f"{v:.2f}" for v in r))
-        console.print(table)
-    f = lambda k: "n/a" if math.isnan(metrics.get(k, float("nan"))) else f"{metrics[k]:.2f}"  # noqa: E731
-    console.print(f"final avg acc: class-IL {f('final/avg_acc')} | task-IL {f('final/avg_acc_til')} | "
-                  f"BWT {f('final/bwt')} | forgetting {f('final/forgetting')} | {metrics['time/total_s']:.1f}s")
-    console.print(f"results: {run_dir / 'results.json'}")

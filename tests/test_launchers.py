@@ -20,7 +20,7 @@ from omegaconf import OmegaConf, open_dict
 from cl_runner import launch
 from cl_runner.config import validate
 from cl_runner.errors import ConfigError
-from cl_runner.tracking import config_hash
+from cl_runner.identity import config_hash
 
 from conftest import cli
 

@@ -169,7 +169,10 @@ def test_resume_sends_the_task_metrics_a_kill_kept_out_of_mlflow(make_cfg, tmp_p
     leaves that step out of MLflow. Resuming the same MLflow run must send it, once, with its values."""
     from mlflow.tracking import MlflowClient
 
-    from cl_runner.tracking import LocalTracker, MlflowTracker
+    from omegaconf import OmegaConf
+
+    from cl_runner.tracking.results import new_record
+    from cl_runner.tracking.trackers import LocalTracker, MlflowTracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = make_cfg("tracking=mlflow", f"mlflow.uri={uri}")
@@ -178,17 +181,22 @@ def test_resume_sends_the_task_metrics_a_kill_kept_out_of_mlflow(make_cfg, tmp_p
     til = [[95.0, nan], [94.0, 96.0]]
     cap = [{"fc1": {"used_pct": 10.0}}, {"fc1": {"used_pct": 20.0}}]
 
-    first = MlflowTracker(cfg, run_dir, {"choices": {}, "config_hash": "h"})
-    first.start()
-    first.log_task(0, acc[:1], til[:1], cap[0], 1.5, {"time/task_0_s": 1.5})
-    LocalTracker.log_task(first, 1, acc, til, cap[1], 2.5, {"time/task_1_s": 2.5})  # killed before MLflow
+    def tracker(resume: bool) -> MlflowTracker:
+        record = None if resume else new_record(OmegaConf.to_container(cfg, resolve=True), "h", {}, [], run_dir, "x")
+        return MlflowTracker(run_dir, record, uri=uri, experiment="cl_runner", outputs=tmp_path,
+                             connect_timeout_s=2)
+
+    first = tracker(resume=False)
+    first.start(threads=1)
+    first.log_task(0, acc[:1], til[:1], cap[0], {}, 1.5)
+    LocalTracker.log_task(first, 1, acc, til, cap[1], {}, 2.5)  # killed before MLflow
     c = MlflowClient(tracking_uri=uri)
     assert [m.step for m in c.get_metric_history(first.mlflow_run_id, "acc/avg")] == [1]
 
     for _ in range(2):  # a second resume finds nothing missing and sends nothing twice
-        again = MlflowTracker(cfg, run_dir, {"choices": {}, "config_hash": "h", "resume": True})
-        again.restore(acc, til, cap, [1.5, 2.5])
-        again.start()
+        again = tracker(resume=True)
+        again.restore(acc, til, cap, [{}, {}], [1.5, 2.5])
+        again.start(threads=1)
         assert again.mlflow_run_id == first.mlflow_run_id and not again.broken
         hist = {k: sorted((m.step, m.value) for m in c.get_metric_history(first.mlflow_run_id, k))
                 for k in ("acc/avg", "acc/task_1", "acc_til/task_0", "capacity/fc1/used_pct", "time/task_1_s")}

@@ -140,7 +140,7 @@ def test_sync_fills_the_gaps_of_an_existing_run(local_run, tmp_path):
     """A run the server saw until task 2 (then died): only the missing steps, finals and artifacts go up."""
     from mlflow.entities import Metric
 
-    from cl_runner.sync import main as sync
+    from cl_runner.tracking.sync import main as sync
 
     run_dir = copy_run(local_run, tmp_path)
     res = json.loads((run_dir / "results.json").read_text())
@@ -167,7 +167,7 @@ def test_sync_fills_the_gaps_of_an_existing_run(local_run, tmp_path):
 def test_sync_closes_a_sweep_parent_left_running(local_run, tmp_path, capsys):
     """The server was down when a sweep ended, so its parent run stayed RUNNING: sync closes it once every
     job of the sweep folder is over, and leaves it alone while one still runs."""
-    from cl_runner.sync import main as sync
+    from cl_runner.tracking.sync import main as sync
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = client(uri)
@@ -202,8 +202,8 @@ def test_sync_closes_a_sweep_parent_left_running(local_run, tmp_path, capsys):
 
 def test_sync_rebuilds_what_the_tracker_logs(tmp_path):
     """A run tracked live (SQLite) and the same results.json synced into another store hold the same
-    (key, step, value) entries, params and tags: sync.expected_metrics mirrors MlflowTracker."""
-    from cl_runner.sync import main as sync
+    (key, step, value) entries, params and tags: sync rebuilds them with the tracker's own names.task_metrics."""
+    from cl_runner.tracking.sync import main as sync
 
     run_script("cl-run", tmp_path, "method=finetune", "method.epochs=1", "progress=off")
     (f,) = results_files(tmp_path)
@@ -229,7 +229,7 @@ def test_sync_rebuilds_what_the_tracker_logs(tmp_path):
 
 
 def test_sync_skips_running_runs_and_artifact_copies(local_run, tmp_path, capsys):
-    from cl_runner.sync import main as sync
+    from cl_runner.tracking.sync import main as sync
 
     run_dir = copy_run(local_run, tmp_path)
     res = json.loads((run_dir / "results.json").read_text())

@@ -3,8 +3,11 @@
 A method is an `nn.Module` registered by name. The engine calls `fit_task(task)` for each task and
 `predict(x, task_id)` to evaluate. The default `fit_task` rebuilds the optimizer, runs `epochs` passes
 of shuffled minibatches (index slices of tensors already on the device) and calls the hooks below;
-methods with a different training scheme override `fit_task` and reuse `train_epochs`. State that
-must survive a checkpoint (masks, importances) belongs in registered buffers, not plain attributes.
+methods with a different training scheme override `fit_task` and reuse `train_epochs`. `fit_task`
+returns the method's diagnostics for the task as {name: float} (empty by default, e.g. a pruning
+threshold or a validation accuracy); the engine logs them as `method/<name>` at the task's step and
+keeps them in results.json, so a method never needs a tracker. State that must survive a checkpoint
+(masks, importances) belongs in registered buffers, not plain attributes.
 """
 from __future__ import annotations
 
@@ -32,6 +35,9 @@ class Method(nn.Module):
         # one generator for minibatch order, on the data's device, so shuffling never syncs
         self.shuffle_gen = torch.Generator(device=device).manual_seed(cfg.seed)
         self.on_step = lambda: None  # set by the engine: advances the progress bar
+        # set by the engine: called with (task, epoch) after an epoch whose loss was NaN/inf; it stops the run
+        # or marks it, as the config's on_nonfinite says
+        self.on_nonfinite = lambda task, epoch: None
         self.optimizer: torch.optim.Optimizer | None = None
 
     # -- hooks (no-ops by default) ---------------------------------------------------------------
@@ -73,15 +79,18 @@ class Method(nn.Module):
                 total += loss.detach()  # stays on the device: no sync in the loop
                 self.on_step()
             mean_loss = total / -(-n // bs)
+            if not bool(torch.isfinite(total)):  # one host sync per epoch: a NaN anywhere makes the sum NaN
+                self.on_nonfinite(task, epoch)
             self.end_epoch(task, epoch)
         return mean_loss
 
-    def fit_task(self, task) -> torch.Tensor:
+    def fit_task(self, task) -> dict[str, float]:
+        """Train on `task`; returns this task's diagnostics {name: float} (none here)."""
         self.begin_task(task)
         self.optimizer = self.make_optimizer(self.model.parameters())  # rebuilt per task
-        loss = self.train_epochs(task, task.train, self.hp.epochs)
+        self.train_epochs(task, task.train, self.hp.epochs)
         self.end_task(task)
-        return loss
+        return {}
 
     def steps_per_task(self, task) -> int:
         """Optimizer steps `fit_task` will take (for progress bars)."""

@@ -1,6 +1,6 @@
 """`cl-report --sync`: upload to MLflow what a run's `results.json` holds and the tracking store missed.
 
-When the tracking server dies mid-run, the run goes on with `results.json` only (tracking.MlflowTracker);
+When the tracking server dies mid-run, the run goes on with `results.json` only (trackers.MlflowTracker);
 `tracking=local` runs never reach MLflow at all. Syncing a run folder, with the server back up:
 
 - its MLflow run (results.json's `mlflow_run_id`, an earlier sync's run, or a run tagged with this
@@ -12,9 +12,10 @@ When the tracking server dies mid-run, the run goes on with `results.json` only 
 - a sweep's parent run left RUNNING (the server was down when the sweep ended) is closed once every job
   of that sweep folder has a finished or failed results.json.
 
-The metrics are rebuilt from results.json exactly as the tracker logs them (LocalTracker.log_task per task,
-MlflowTracker.finish at the end), so a run tracked live and the same run synced afterwards hold the same
-(key, step, value) entries. Runs still `running` are skipped: their tracker rewrites results.json.
+The metrics are rebuilt from results.json with the function the tracker logs them with (names.task_metrics),
+so a run tracked live and the same run synced afterwards hold the same (key, step, value) entries. Runs still
+`running` are skipped (their tracker rewrites results.json), and so is a file that cannot be read, with a
+warning: the other runs still sync.
 """
 from __future__ import annotations
 
@@ -22,13 +23,13 @@ import json
 import os
 import sys
 import tempfile
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import UserError
-from .report import result_files
-from .tracking import _short, ensure_experiment, flatten, mlflow_client, write_json_atomic
+from ..errors import UserError
+from . import mlflow_store, names
+from .results import ResultsError, now_iso, read_results, run_files, write_json_atomic
 
 MLFLOW_STATUS = {"finished": "FINISHED", "failed": "FAILED"}
 
@@ -48,24 +49,15 @@ def expected_metrics(res: dict) -> dict[str, dict[int, tuple[float, int]]]:
                 out.setdefault(k, {})[step] = (float(v), ts)
 
     task_s = res["timings"].get("task_s") or []
-    capacity = res.get("capacity") or []
-    started = _ms(res.get("started")) or 0
-    t = started
+    capacity, method_metrics = res.get("capacity") or [], res.get("method_metrics") or []
+    t = _ms(res.get("started")) or 0
     for i in range(res["tasks_done"]):  # LocalTracker.log_task: row i at step i + 1
         t += int(1000 * (task_s[i] if i < len(task_s) else 0))  # ~ when that task was logged
-        step = {}
-        for name, row in (("acc", res["acc"][i]), ("acc_til", res["acc_til"][i])):
-            seen = {j: v for j, v in enumerate(row) if v is not None and v == v}  # null on disk, NaN in memory
-            step.update({f"{name}/task_{j}": v for j, v in seen.items()})
-            step[f"{name}/avg"] = sum(seen.values()) / len(seen)
-        if len(capacity) == res["tasks_done"]:
-            for layer, q in capacity[i].items():
-                step.update({f"capacity/{layer}/{name}": v for name, v in q.items()})
-        if i < len(task_s):
-            step[f"time/task_{i}_s"] = task_s[i]
-        put(step, i + 1, t)
-    # MlflowTracker.finish: per-task times and capacity already went out with their step
-    final = {k: v for k, v in (res.get("metrics") or {}).items() if not k.startswith(("time/task_", "capacity/"))}
+        cap = capacity[i] if len(capacity) == res["tasks_done"] else None
+        diag = method_metrics[i] if len(method_metrics) == res["tasks_done"] else None
+        put(names.task_metrics(i, res["acc"][i], res["acc_til"][i], cap, diag, task_s[i] if i < len(task_s) else None),
+            i + 1, t)
+    final = {k: v for k, v in (res.get("metrics") or {}).items() if not names.is_per_task(k)}  # MlflowTracker.finish
     put(final, res["tasks_done"], _ms(res.get("updated")) or t)
     return out
 
@@ -108,19 +100,13 @@ def _find_run(client, res: dict, uri: str, exp_id: str):
 
 def _create_run(client, res: dict, path: Path, exp_id: str):
     """A new MLflow run tagged as MlflowTracker.start tags one."""
-    cfg, choices = res["config"], res.get("choices") or {}
-    tags = {"method": choices.get("method") or cfg["method"]["name"], "method_class": cfg["method"]["name"],
-            "dataset": choices.get("dataset") or cfg["dataset"]["name"], "model": cfg["model"]["name"],
-            "seed": str(cfg["seed"]), "git_commit": res.get("git_commit") or "unknown",
-            "run_dir": str(res.get("run_dir") or path.parent), "config_hash": str(res.get("config_hash")),
-            "overrides": " ".join(res.get("overrides") or []), "cl_runner.synced": "true"}
+    tags = {**mlflow_store.run_tags({**res, "run_dir": res.get("run_dir") or path.parent}), "cl_runner.synced": "true"}
     parent_file = _parent_file(path)
     if parent_file is not None:
         parent = json.loads(parent_file.read_text()).get("run_id")
         if _get_run(client, parent) is not None:
             tags["mlflow.parentRunId"] = parent
-    return client.create_run(exp_id, start_time=_ms(res.get("started")), tags=tags,
-                             run_name=f"{tags['method']}-{tags['dataset']}-s{cfg['seed']}")
+    return client.create_run(exp_id, start_time=_ms(res.get("started")), tags=tags, run_name=mlflow_store.run_name(tags))
 
 
 def _parent_file(path: Path) -> Path | None:
@@ -135,7 +121,12 @@ def close_parent(client, parent_file: Path) -> str | None:
     run = _get_run(client, json.loads(parent_file.read_text()).get("run_id"))
     if run is None or run.info.status != "RUNNING":
         return None
-    jobs = [json.loads(f.read_text(encoding="utf-8")) for f in result_files([str(parent_file.parent)])]
+    jobs = []
+    for f in run_files([str(parent_file.parent)]):
+        try:
+            jobs.append(read_results(f))
+        except ResultsError:  # already reported by the run's own sync; it says nothing of the sweep's end
+            continue
     if not jobs or any(j.get("status") not in MLFLOW_STATUS for j in jobs):
         return None  # a job still runs (or never wrote results.json): the sweep may not be over
     end = max((_ms(j.get("updated")) or 0 for j in jobs), default=0) or None
@@ -153,28 +144,20 @@ def _remote_files(client, run_id: str, path: str | None = None) -> set[str]:
 def sync_run(client, path: Path, uri: str, outputs: Path) -> tuple[str, str]:
     """Bring one run's MLflow record up to date with its results.json: (created|updated|up to date|skipped,
     one line saying what changed)."""
-    from mlflow.entities import Param
-
-    res = json.loads(path.read_text(encoding="utf-8"))
-    if res.get("schema_version") != 1:
-        raise UserError(f"{path}: schema_version {res.get('schema_version')!r}, expected 1")
+    res = read_results(path)
     where = res.get("run_dir") or str(path.parent)
     if res.get("status") not in MLFLOW_STATUS:
         return "skipped", f"{where}: skipped, status {res.get('status')!r} (a live run rewrites its results.json)"
-    exp_id = ensure_experiment(client, res["config"]["mlflow"]["experiment"], uri, outputs)
+    exp_id = mlflow_store.ensure_experiment(client, res["config"]["mlflow"]["experiment"], uri, outputs)
     run = _find_run(client, res, uri, exp_id)
     created = run is None
     if created:
         run = _create_run(client, res, path, exp_id)
     run_id = run.info.run_id
 
-    params = [Param(k, str(v)[:6000]) for k, v in flatten(res["config"]).items() if k not in run.data.params]
-    for i in range(0, len(params), 100):
-        client.log_batch(run_id, params=params[i:i + 100])
-
+    params = mlflow_store.params(res["config"], have=run.data.params)
     metrics = missing_metrics(client, run, res)
-    for i in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    mlflow_store.log_batches(client, run_id, metrics=metrics, params_=params)
 
     remote = _remote_files(client, run_id)
     art_dir = path.parent / "artifacts"
@@ -191,8 +174,7 @@ def sync_run(client, path: Path, uri: str, outputs: Path) -> tuple[str, str]:
     if not (created or params or metrics or n_art or old_status != status):
         return "up to date", f"{where}: up to date (run {run_id})"
 
-    res["mlflow_synced"] = {"uri": uri, "run_id": run_id,
-                            "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    res["mlflow_synced"] = {"uri": uri, "run_id": run_id, "time": now_iso()}
     if not res.get("mlflow_run_id"):  # an id from another store (the run's own tracking URI) is kept
         res["mlflow_run_id"] = run_id
     if "results.json" not in remote:  # the copy in MLflow is the final one, sync record included
@@ -208,38 +190,35 @@ def sync_run(client, path: Path, uri: str, outputs: Path) -> tuple[str, str]:
 
 def _outputs_for(uri: str) -> Path:
     """Where a local store's experiment keeps artifacts: beside the SQLite file, as cl-run does."""
-    u = urlparse(uri)
-    if u.scheme == "sqlite":
-        return Path(uri[len("sqlite:///"):].split("?")[0]).parent
+    if urlparse(uri).scheme == "sqlite":
+        return Path(mlflow_store.sqlite_path(uri)).parent
     return Path(os.environ.get("CL_RUNNER_OUTPUTS", "outputs")).resolve()
 
 
 def main(paths: list[str], uri: str) -> int:
-    """`cl-report --sync [PATHS] [--tracking-uri URI]`; exit code 0, 1 if a run failed to sync, 2 on usage."""
-    from .report import check_tracking_uri
-
+    """`cl-report --sync [PATHS] [--tracking-uri URI]`; exit code 0, 1 if a run failed to sync, 2 on usage.
+    An unreadable results.json is a warning (it is no run to sync), not a failure."""
     try:
         paths = paths or [os.environ.get("CL_RUNNER_OUTPUTS", "outputs")]
-        files = result_files(paths)
+        files = run_files(paths)
         if not files:
             raise UserError(f"no results.json under {', '.join(paths)}")
-        if urlparse(uri).scheme in ("http", "https"):  # a local SQLite file is created if missing
-            check_tracking_uri(uri)
+        mlflow_store.check_usable(uri, 2)  # a local SQLite file is created if missing
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # our line names the run
-        client = mlflow_client(uri)
+        client = mlflow_store.client(uri)
     except UserError as e:
         print(f"cl-report: {e}", file=sys.stderr)
         return 2
-    counts = {"created": 0, "updated": 0, "up to date": 0, "skipped": 0, "failed": 0}
+    counts = {"created": 0, "updated": 0, "up to date": 0, "skipped": 0, "unreadable": 0, "failed": 0}
     for f in files:
         try:
             kind, line = sync_run(client, f, uri, _outputs_for(uri))
-        except UserError as e:
-            print(f"cl-report: {e}", file=sys.stderr)
-            counts["failed"] += 1
+        except ResultsError as e:
+            print(f"cl-report: warning: {e}; left out", file=sys.stderr)
+            counts["unreadable"] += 1
             continue
         except Exception as e:  # noqa: BLE001 - whatever MLflow raises; the other runs still sync
-            print(f"cl-report: {f}: {_short(e)}", file=sys.stderr)
+            print(f"cl-report: {f}: {mlflow_store.short(e)}", file=sys.stderr)
             counts["failed"] += 1
             continue
         counts[kind] += 1
@@ -248,7 +227,7 @@ def main(paths: list[str], uri: str) -> int:
         try:
             line = close_parent(client, parent_file)
         except Exception as e:  # noqa: BLE001 - the jobs are synced; the parent's status is cosmetic
-            print(f"cl-report: {parent_file}: {_short(e)}", file=sys.stderr)
+            print(f"cl-report: {parent_file}: {mlflow_store.short(e)}", file=sys.stderr)
             counts["failed"] += 1
             continue
         if line:
@@ -256,4 +235,3 @@ def main(paths: list[str], uri: str) -> int:
             print(line)
     print(f"synced {len(files)} run(s) to {uri}: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n))
     return 1 if counts["failed"] else 0
-
