@@ -58,7 +58,8 @@ def _to_device(raw: RawData, x: torch.Tensor, mode: str, device) -> torch.Tensor
     x = x.float().div_(raw.max_value)
     if mode == "standard":
         mean = torch.tensor(raw.mean, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(raw.std, device=device).view(1, -1, 1, 1)
+        # a constant channel (std 0) is only centred: dividing by 0 would make every input NaN
+        std = torch.tensor([s if s > 0 else 1.0 for s in raw.std], device=device).view(1, -1, 1, 1)
         x.sub_(mean).div_(std)
     return x
 
