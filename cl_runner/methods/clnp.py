@@ -53,16 +53,13 @@ class CLNP(Method):
         self.units = UnitHooks(self.layers[:self.L], self.norms)
 
     @property
-    def tags(self) -> list:
-        """Per hidden layer: the task that committed each neuron (-1: free)."""
+    def tags(self) -> list:  # per hidden layer: the task that committed each neuron (-1: free)
         return [m.unit_owner for m in self.layers[:self.L]]
 
-    def _tgt(self, l: int):
-        """Owners of the neurons weight layer l writes (None: the single head, shared by all tasks)."""
+    def _tgt(self, l: int):  # owners of the neurons weight layer l writes (None: the single head, shared)
         return self.layers[l].unit_owner if l < self.L or self.multi_head else None
 
-    def _src(self, l: int) -> torch.Tensor:
-        """Owners of the neurons weight layer l reads, one per input column (inputs count as active)."""
+    def _src(self, l: int) -> torch.Tensor:  # owners of the neurons it reads, per column (inputs: active)
         if l == 0:
             return torch.zeros(self.layers[0].weight.shape[1], dtype=torch.int16, device=self.device)
         return self.net.cols(l, self.layers[l - 1].unit_owner)
@@ -224,16 +221,11 @@ class CLNP(Method):
         free last-hidden neurons) drawn afresh by `init`, free biases too, BatchNorm of free channels reset."""
         for l, mod in enumerate(self.layers):
             T, S = self._tgt(l), self._src(l)
-            w = mod.weight
-            rows = T < 0 if T is not None else torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
+            rows = T < 0 if T is not None else torch.ones(mod.weight.shape[0], dtype=torch.bool, device=S.device)
             cols = torch.ones_like(S, dtype=torch.bool) if T is not None else S < 0
-            fresh = torch.empty_like(w)
             # the single head's biases are not redrawn (they freeze after task 1 or stay 0)
-            fresh_b = None if mod.bias is None or T is None else torch.empty_like(mod.bias)
-            draw_init(fresh, fresh_b, self.hp.init)
-            w.copy_(torch.where(mod.as_weight(rows[:, None] & cols[None, :]), fresh, w))
-            if fresh_b is not None:
-                mod.bias.copy_(torch.where(rows, fresh_b, mod.bias))
+            self.net.redraw(l, rows[:, None] & cols[None, :], rows if T is not None else None,
+                            lambda w, b: draw_init(w, b, self.hp.init))
             norm = self.norms[l] if l < self.L else None
             if norm is not None:
                 for v, x in ((norm.weight, 1.0), (norm.bias, 0.0), (norm.running_mean, 0.0), (norm.running_var, 1.0)):

@@ -152,6 +152,19 @@ class MaskedNet:
             return m.live.detach().clone()
         return m.weight.detach().index_select(0, self.rows[l])
 
+    @torch.no_grad()
+    def redraw(self, l: int, weights: torch.Tensor, biases, draw) -> None:
+        """Fresh values for weight layer l where `weights` ([out, in]) and `biases` ([out]; None: keep all)
+        say, drawn by draw(w, b) into new tensors of the layer's shapes; the rest keep theirs (CLNP's weights
+        into free neurons, NISPA's non-stable ones at the end of a task)."""
+        m = self.layers[l]
+        fresh = torch.empty_like(m.weight)
+        fresh_b = None if m.bias is None or biases is None else torch.empty_like(m.bias)
+        draw(fresh, fresh_b)
+        m.weight.copy_(torch.where(m.as_weight(weights), fresh, m.weight))
+        if fresh_b is not None:
+            m.bias.copy_(torch.where(biases, fresh_b, m.bias))
+
     # -- capacity ----------------------------------------------------------------------------------
     @torch.no_grad()
     def capacity(self, n_tasks: int, newest: int, units: int | None = None) -> dict:
