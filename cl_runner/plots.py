@@ -39,7 +39,7 @@ _UNITS = (
     ("used (%)", lambda q: q.endswith(("_pct", "_frac"))),
     ("accuracy (%)", lambda q: "acc" in q),
     ("connections", lambda q: q.startswith("conn_")),
-    ("neurons", lambda q: q in ("new", "reused", "free") or q.startswith("units_")),
+    ("neurons", lambda q: q.startswith("units_")),
 )
 
 
