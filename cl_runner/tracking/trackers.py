@@ -40,8 +40,9 @@ class LocalTracker:
 
     def restore(self, acc: list, acc_til: list, capacity: list, method_metrics: list, task_s: list) -> None:
         """Resume: the rows, capacity snapshots, method diagnostics and timings as of the checkpoint."""
-        s = self.state
-        s.update(acc=acc, acc_til=acc_til, capacity=capacity, method_metrics=method_metrics, tasks_done=len(task_s))
+        s = self.state  # copies: log_task appends to these lists, and the engine keeps its own
+        s.update(acc=list(acc), acc_til=list(acc_til), capacity=list(capacity), method_metrics=list(method_metrics),
+                 tasks_done=len(task_s))
         s["timings"]["task_s"] = list(task_s)
         self._save()
 
