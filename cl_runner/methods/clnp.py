@@ -38,8 +38,7 @@ class CLNP(Method):
         self.norms = [n if isinstance(n, nn.BatchNorm2d) else None for n in norms] + [None] * (self.L - len(norms))
         self.names = [f"conv{i + 1}" for i in range(len(convs))] + [f"fc{i + 1}" for i in range(len(model.hidden))]
         self.net = MaskedNet(model, self.layers, self.names + ["out"])
-        # step-3 diagnostics of the last task: θ per layer (-1: nothing pruned) and validation accuracy
-        # unpruned / pruned / fine-tuned, number of validation passes, and the task they belong to
+        # step 3 of the last task: θ per layer, validation accuracy unpruned / pruned / fine-tuned, passes
         self.register_buffer("theta", torch.full((self.L,), float("nan"), device=device))
         self.register_buffer("val_acc", torch.full((3,), float("nan"), device=device))
         self.register_buffer("evals", torch.zeros((), dtype=torch.long, device=device))
@@ -65,9 +64,8 @@ class CLNP(Method):
         return self.net.cols(l, self.layers[l - 1].unit_owner)
 
     def interference(self, l: int) -> torch.Tensor:
-        """W_int of weight layer l (Sec. 2.1), cut at commit: from a free neuron, or one committed after the
-        target, into an active neuron. Multi-head: old heads read only neurons of their task or earlier.
-        Single head: none, other tasks' last-hidden neurons are masked at the output instead."""
+        """W_int of weight layer l (Sec. 2.1), cut at commit: from a free or later neuron into an active one
+        (old heads too). Single head: none, other tasks' last-hidden neurons are masked at the output."""
         m = self.layers[l]
         return m.as_weight(m.owner == CUT)
 
@@ -107,18 +105,19 @@ class CLNP(Method):
 
     @torch.no_grad()
     def after_step(self, task) -> None:
-        # a zero gradient is not enough (weight decay, or moments built up before a mask changed, move an
-        # entry anyway): everything outside the masks is put back, so frozen weights stay bit-identical
+        # weight decay and moments move zero-gradient entries: frozen ones go back, bit-identical
         self.net.restore()
         self.units.restore_norms()
 
     def _run(self, task, s: int, core: bool, epochs: int, lr: float) -> None:
         self._phase(task, s, core)
-        if self.net.entries:  # empty when e.g. a task kept no neuron to fine-tune
-            self.optimizer = self.make_optimizer(self.net.params(), lr)  # rebuilt per phase
-            self.train_epochs(task, task.train, epochs)
-        self.units.clear()
-        self.net.end_phase()
+        try:
+            if self.net.entries:  # empty when e.g. a task kept no neuron to fine-tune
+                self.optimizer = self.make_optimizer(self.net.params(), lr)  # rebuilt per phase
+                self.train_epochs(task, task.train, epochs)
+        finally:
+            self.units.clear()
+            self.net.end_phase()
 
     # -- steps 2 and 3: activity and the graceful-forgetting scan ----------------------------------
     @torch.no_grad()
@@ -197,9 +196,8 @@ class CLNP(Method):
     # -- step 4: commit ------------------------------------------------------------------------------
     @torch.no_grad()
     def _commit(self, task, keep: list) -> None:
-        """Survivors are reserved by task t (multi-head: its head rows too); the connections into them from
-        active neurons become task t's (frozen from now on), those from free neurons are cut (W_int = 0).
-        Single head: the output columns of task t's last-hidden neurons become task t's."""
+        """Survivors (multi-head: the head rows too) are reserved by task t, the connections into them from active
+        neurons become task t's, those from free ones are cut; single head: the output columns of its neurons."""
         t = task.id
         for T, k in zip(self.tags, keep):
             T.masked_fill_(k, t)
@@ -234,37 +232,30 @@ class CLNP(Method):
     # -- the task ------------------------------------------------------------------------------------
     def fit_task(self, task) -> dict:
         hp, t = self.hp, task.id
-        core = True
-        if t > 0 and not bool((self.tags[-1] < 0).any()):
-            n = len(self.tags[-1])
-            if hp.depleted == "stop":
-                raise CapacityError(f"clnp: all {n} neurons of the last hidden layer ({self.names[-1]}) are taken "
-                                    f"after {t} tasks, none left for task {t + 1}; the finished tasks are kept (widen "
-                                    "the layer, raise method.margin / method.l1, or train longer for sparser tasks)")
-            core = False  # Sec. 2.1: a depleted multi-head network trains like last-layer transfer
+        core = t == 0 or bool((self.tags[-1] < 0).any())  # the last hidden layer has free neurons
+        if not core and hp.depleted == "stop":
+            raise CapacityError(f"clnp: all {len(self.tags[-1])} neurons of the last hidden layer ({self.names[-1]}) "
+                                f"are taken after {t} tasks, none left for task {t + 1}; the finished tasks are kept "
+                                "(widen the layer, raise method.margin / method.l1, or train longer for sparser tasks)")
         if t > 0 and hp.reinit_free:
             self._reinit_free()
-        try:
-            self._run(task, -1 if core else t, core, hp.epochs, hp.lr)  # step 1
-            self.theta.fill_(float("nan"))
-            self.val_acc.fill_(float("nan"))
-            if core:  # steps 2-3
-                act = self.units.mean_activity(lambda: self._pass(task.train if hp.activity_split == "train" else task.val))
-                keep, best, pruned = self._scan(task, act)
-            else:
-                keep = [torch.zeros_like(x, dtype=torch.bool) for x in self.tags]
-                best = pruned = self._pass(task.val, task)
-                self.evals.fill_(1)
-            self._commit(task, keep)  # step 4
-            self.val_acc[0], self.val_acc[1] = best, pruned
-            if hp.finetune_epochs and core:  # step 5: the survivors retrain, interference held at 0
-                self._run(task, t, True, hp.finetune_epochs, hp.finetune_lr)
-                gates = None if self.multi_head else [None] * (self.L - 1) + [(self.tags[-1] == t).float()]
-                self.val_acc[2] = self._pass(task.val, task, gates)
-            self.task.fill_(t)
-        finally:
-            self.units.clear()
-            self.net.end_phase()
+        # step 1 (a depleted multi-head network trains its new head only, like last-layer transfer, Sec. 2.1)
+        self._run(task, -1 if core else t, core, hp.epochs, hp.lr)
+        self.theta.fill_(float("nan")), self.val_acc.fill_(float("nan"))
+        if core:  # steps 2-3
+            act = self.units.mean_activity(lambda: self._pass(task.train if hp.activity_split == "train" else task.val))
+            keep, best, pruned = self._scan(task, act)
+        else:
+            keep = [torch.zeros_like(x, dtype=torch.bool) for x in self.tags]
+            best = pruned = self._pass(task.val, task)
+            self.evals.fill_(1)
+        self._commit(task, keep)  # step 4
+        self.val_acc[0], self.val_acc[1] = best, pruned
+        if hp.finetune_epochs and core:  # step 5: the survivors retrain, interference held at 0
+            self._run(task, t, True, hp.finetune_epochs, hp.finetune_lr)
+            gates = None if self.multi_head else [None] * (self.L - 1) + [(self.tags[-1] == t).float()]
+            self.val_acc[2] = self._pass(task.val, task, gates)
+        self.task.fill_(t)
         cap, diag = self.capacity(), self.diagnostics()
         log.info("clnp task %d: %s | val %.2f -> %.2f (%d passes)%s", t + 1, ", ".join(
             f"{n} {cap[n]['units_used_pct']:.1f}% used (+{cap[n]['units_new']}, {cap[n]['units_free']} free)"
@@ -298,13 +289,11 @@ class CLNP(Method):
         return agnostic, self._head(h * (last == task_id).float().view(1, -1, *[1] * (h.dim() - 2)))
 
     def capacity(self) -> dict:
-        """Per layer after the last task (paper Figs. 3, 4b, 5b): % of neurons used, neurons added by this
-        task, old neurons it reads (reuse), free neurons left, connections per task (models/masked_net.py)."""
+        """Paper Figs. 3, 4b, 5b: neurons used, added, reused and free per layer (models/masked_net.py)."""
         return self.net.capacity(len(self.stream.tasks), int(self.task), units=self.L)
 
     def diagnostics(self) -> dict:
-        """The last task's scan (step 3): θ per layer (-1: nothing pruned), validation accuracy unpruned /
-        pruned (/ fine-tuned), and the number of validation passes it took."""
+        """Step 3 of the last task: θ per layer (-1: none pruned), validation accuracies, passes it took."""
         acc = self.val_acc.tolist()
         out = {f"theta/{name}": float(th) for name, th in zip(self.names, self.theta.tolist())}
         out.update(val_acc_unpruned=acc[0], val_acc_pruned=acc[1], scan_evals=float(self.evals))
