@@ -126,3 +126,56 @@ def test_cifar10_100_with_multi_head_cnn(make_cfg, tmp_path):
 def test_fwt_reference(make_cfg, tmp_path):
     run(make_cfg("eval.fwt=true", "method.epochs=1"))
     assert math.isfinite(results(tmp_path)["metrics"]["final/fwt_til"])
+
+
+def nan_from_task_2(monkeypatch) -> None:
+    """The training loss of the second task (and after) is NaN."""
+    from cl_runner.methods import Method
+
+    loss = Method.loss
+    monkeypatch.setattr(Method, "loss", lambda self, logits, y, task: loss(self, logits, y, task)
+                        * (float("nan") if task.id >= 1 else 1.0))
+
+
+def test_a_nonfinite_loss_stops_the_run_keeps_the_finished_task_and_tags_it(make_cfg, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from cl_runner.errors import TrainingError
+
+    nan_from_task_2(monkeypatch)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(TrainingError, match=r"non-finite in task 2/5, epoch 1;"):
+        run(make_cfg("method=finetune", "method.epochs=2", "tracking=mlflow", f"mlflow.uri={uri}"))
+    r = results(tmp_path)
+    assert r["status"] == "failed" and r["tasks_done"] == 1 and r["nonfinite_loss"] == "task 2/5, epoch 1"
+    assert r["acc_til"][0][0] > 80 and "non-finite" in r["error"]
+    mlrun = MlflowClient(uri).get_run(r["mlflow_run_id"])
+    assert mlrun.info.status == "FAILED" and mlrun.data.tags["nonfinite_loss"] == "task 2/5, epoch 1"
+    assert mlrun.data.metrics["acc_til/task_0"] == r["acc_til"][0][0]
+
+
+def test_on_nonfinite_continue_trains_on_and_marks_the_run(make_cfg, tmp_path, monkeypatch):
+    nan_from_task_2(monkeypatch)
+    run(make_cfg("method=finetune", "method.epochs=1", "on_nonfinite=continue"))
+    r = results(tmp_path)
+    assert r["status"] == "finished" and r["tasks_done"] == 5 and r["nonfinite_loss"] == "task 2/5, epoch 1"
+
+
+def test_fit_task_diagnostics_are_logged_as_method_metrics(make_cfg, tmp_path, monkeypatch):
+    """What fit_task returns goes to MLflow as method/<name> (step = tasks trained) and into results.json."""
+    from mlflow.tracking import MlflowClient
+
+    from cl_runner.methods import Method
+    from cl_runner.methods.finetune import Finetune
+
+    monkeypatch.setattr(Finetune, "fit_task", lambda self, task: {**Method.fit_task(self, task), "probe": task.id + 0.5})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run(make_cfg("method=finetune", "method.epochs=1", "tracking=mlflow", f"mlflow.uri={uri}"))
+    r = results(tmp_path)
+    assert r["method_metrics"] == [{"probe": j + 0.5} for j in range(5)] and r["metrics"]["method/probe"] == 4.5
+    hist = MlflowClient(uri).get_metric_history(r["mlflow_run_id"], "method/probe")
+    assert sorted((m.step, m.value) for m in hist) == [(j + 1, j + 0.5) for j in range(5)]
+
+    monkeypatch.setattr(Finetune, "fit_task", lambda self, task: 0.5)
+    with pytest.raises(TypeError, match="Finetune.fit_task returned float; it must return a dict"):
+        run(make_cfg("method=finetune", "method.epochs=1"))
