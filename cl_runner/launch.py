@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import sys
 
 log = logging.getLogger("cl_runner")
 
@@ -98,12 +97,6 @@ def planned_threads() -> int | None:
 
 def log_threads(threads: int) -> None:
     log.info("threads: %d (cores %d / jobs %d)", threads, cores(), _plan[1])
-
-
-def torch_threads() -> int | None:
-    """torch's intra-op threads, when torch is loaded (results.json records them)."""
-    torch = sys.modules.get("torch")
-    return torch.get_num_threads() if torch is not None else None
 
 
 def missing_plugin(group: str, option: str) -> str | None:

@@ -113,17 +113,17 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     class-IL average accuracy. A failure ends in one UserError line; results.json keeps the finished tasks."""
     t_start = time.perf_counter()
     # -- setup: what a bad config, folder or tracking store breaks is reported before any data is loaded
-    hash_ = config_hash(cfg)  # of the config as composed: what resume and skip match on
+    run_hash = config_hash(cfg)  # of the config as composed (identity.py): what resume and skip match on
     cfg = validate(cfg)
     hydra_dir, info = hydra_info()
     resumed = None if cfg.resume in (False, None) else checkpoint.find_resumable(
-        cfg.resume, Path(cfg.paths.outputs), hash_)
+        cfg.resume, Path(cfg.paths.outputs), run_hash)
     run_dir = Path(resumed or run_dir or hydra_dir
                    or Path(cfg.paths.outputs) / "runs" / datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f"))
     make_folder(Path(cfg.paths.outputs), "paths.outputs")
     make_folder(run_dir, "the run folder", "point hydra.run.dir (or paths.outputs) at a writable folder")
     device = setup_hardware(cfg.hardware)
-    tracker = make_tracker(cfg, run_dir, info, hash_, resumed is not None)
+    tracker = make_tracker(cfg, run_dir, info, run_hash, resumed is not None)
     torch.manual_seed(cfg.seed)
     stream = build_stream(cfg, device)
     model = build_model(cfg, stream).to(device)
@@ -131,18 +131,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     method = METHODS.get(cfg.method.name)(cfg, model, stream, device).to(device)
     plan = [joint_task(stream)] if method.trains_jointly else stream.tasks
     T = len(stream.tasks)  # columns of the matrices (a joint run has one row over all tasks)
-    if resumed is not None:
-        ck = checkpoint.load(run_dir)
-        method.load_state_dict(ck.method)
-        checkpoint.set_rng_state(ck.rng, device)
-        tracker.restore(ck.acc, ck.acc_til, ck.capacity, ck.method_metrics, ck.task_s)
-        log.info("resuming %s after task %d of %d", run_dir, ck.tasks_done, len(plan))
-    else:
-        ck = Checkpoint(method={}, rng={}, acc=[], acc_til=[], task_s=[], capacity=[], method_metrics=[],
-                        random_til=None, before_til=None, elapsed_s=0.0, config_hash=hash_, mlflow_run_id=None)
-        if cfg.eval.fwt and not method.trains_jointly:  # reference: the untrained network, task-IL
-            ck.random_til = evaluate_tasks(method, stream, list(range(T)), list(range(T)), cfg.eval.batch_size)[1]
-            ck.before_til = [float("nan")] * T
+    ck = (resumed_state(run_dir, method, device, tracker, len(plan)) if resumed is not None
+          else fresh_state(cfg, method, stream, run_hash))
     elapsed0 = ck.elapsed_s  # seconds spent by the processes before this one
     tracker.start(torch.get_num_threads())
     method.on_nonfinite = nonfinite_policy(cfg.on_nonfinite, tracker, len(plan))
@@ -191,10 +181,31 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     return metrics[names.final("avg_acc")]
 
 
-def make_tracker(cfg, run_dir: Path, info: dict, hash_: str, resumed: bool) -> LocalTracker:
+def fresh_state(cfg, method, stream, run_hash: str) -> Checkpoint:
+    """A new run's progress: no rows yet; with eval.fwt, the untrained network's task-IL reference."""
+    ck = Checkpoint(method={}, rng={}, acc=[], acc_til=[], task_s=[], capacity=[], method_metrics=[],
+                    random_til=None, before_til=None, elapsed_s=0.0, config_hash=run_hash, mlflow_run_id=None)
+    if cfg.eval.fwt and not method.trains_jointly:
+        T = len(stream.tasks)
+        ck.random_til = evaluate_tasks(method, stream, list(range(T)), list(range(T)), cfg.eval.batch_size)[1]
+        ck.before_til = [float("nan")] * T
+    return ck
+
+
+def resumed_state(run_dir: Path, method, device, tracker: LocalTracker, n_tasks: int) -> Checkpoint:
+    """The checkpoint of the run being resumed, loaded into the method, the RNGs and the tracker."""
+    ck = checkpoint.load(run_dir)
+    method.load_state_dict(ck.method)
+    checkpoint.set_rng_state(ck.rng, device)
+    tracker.restore(ck.acc, ck.acc_til, ck.capacity, ck.method_metrics, ck.task_s)
+    log.info("resuming %s after task %d of %d", run_dir, ck.tasks_done, n_tasks)
+    return ck
+
+
+def make_tracker(cfg, run_dir: Path, info: dict, run_hash: str, resumed: bool) -> LocalTracker:
     """results.json always; MLflow too with tracking=mlflow (its store is checked now, before data loads)."""
     record = None if resumed else new_record(
-        OmegaConf.to_container(cfg, resolve=True), hash_, info.get("choices") or
+        OmegaConf.to_container(cfg, resolve=True), run_hash, info.get("choices") or
         {"method": cfg.method.name, "dataset": cfg.dataset.name, "model": cfg.model.name},
         info.get("overrides", []), run_dir, mlflow_store.git_commit())
     if cfg.tracking == "local":
