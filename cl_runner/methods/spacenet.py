@@ -224,6 +224,8 @@ class SpaceNet(Method):
     def end_task(self, task) -> None:
         t, L = int(self.task), len(self.layers)
         self.net.end_phase()
+        for omega in self.omega_sums.values():  # the task's final Ω into its buffer (checkpoints carry it)
+            omega.value()
         for n in range(1, L):
             k = self.hp.spec[n - 1]
             if k:  # the spec most important of this task's selected neurons
