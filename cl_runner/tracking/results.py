@@ -95,13 +95,17 @@ def flat_config(config: dict, prefix: str = "") -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- finding run folders
+NOT_RUNS = {"artifacts", "server", "cache", "mlartifacts"}
+
+
 def _under(folder: Path) -> list[Path]:
     """Every run's results.json below `folder`. A run's `artifacts/` folder, MLflow's artifact store (whose
     copies of results.json sit in <run>/artifacts/: counted beside their run folders they would double every
-    seed) and hidden folders (.hydra, .submitit) hold no run and are not entered."""
+    seed), hidden folders (.hydra, .submitit) and what `outputs/` holds beside runs (the tracking server's
+    database cluster, the data cache, MLflow's artifact store) hold no run and are not entered."""
     found = []
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if d != "artifacts" and not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if d not in NOT_RUNS and not d.startswith("."))
         if FILE in files:
             found.append(Path(root) / FILE)
     return found
