@@ -65,6 +65,11 @@ class PermutedConfig(DatasetConfig):
 
 
 @dataclass
+class EFMnistConfig(DatasetConfig):
+    classes_per_task: List[int] = key(ge=1)  # task sizes in class order; must add up to 57 (NISPA: 10, 13, 13, 11, 10)
+
+
+@dataclass
 class ModelConfig:
     name: str = key()
     head: str = key(choices=("single", "multi"))
@@ -82,6 +87,12 @@ class CNNConfig(ModelConfig):
     hidden: List[int] = key(ge=1)  # dense layers after the convs (Zenke et al.: 512)
     dropout_conv: float = key(ge=0, lt=1)
     dropout_dense: float = key(ge=0, lt=1)
+
+
+@dataclass
+class NispaCNNConfig(ModelConfig):
+    channels: List[int] = key(ge=1)  # the four conv widths (NISPA: 64, 64, 128, 128)
+    hidden: List[int] = key(ge=1)  # dense layers after the convs (NISPA: 1024)
 
 
 @dataclass

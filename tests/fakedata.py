@@ -30,6 +30,20 @@ def make_mnist(root: Path, folder="MNIST", gz=False, n_train=20, n_test=10):
     return data
 
 
+def make_emnist(root: Path, gz=False, n_train=94, n_test=47):
+    """EMNIST-balanced as torchvision unpacks it: EMNIST/raw/emnist-balanced-{train,test}-..., labels 0..46
+    (every class appears once in each run of 47 images)."""
+    rng = np.random.default_rng(1)
+    data = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        y = (np.arange(n) * 5) % 47
+        write_idx(root / "EMNIST" / "raw" / f"emnist-balanced-{split}-images-idx3-ubyte", x, gz)
+        write_idx(root / "EMNIST" / "raw" / f"emnist-balanced-{split}-labels-idx1-ubyte", y, gz)
+        data[split] = (x, y)
+    return data
+
+
 def cifar_batch(n: int, start: int, label_key: bytes, n_classes: int) -> dict:
     """Red plane = a fixed 32x32 ramp plus the image number; green 7; blue 200."""
     red = (np.arange(1024)[None, :] + np.arange(start, start + n)[:, None]) % 256

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from cl_runner.data import sources
-from cl_runner.data.sources import SOURCES, load_raw
+from cl_runner.data.sources import SOURCES, concat_sources, load_raw
 from cl_runner.errors import DataError
-from fakedata import cifar_batch, make_cifar10, make_mnist, write_idx, write_pickle
+from fakedata import cifar_batch, make_cifar10, make_emnist, make_mnist, write_idx, write_pickle
 
 IDX = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
        "t10k-labels-idx1-ubyte")
@@ -61,6 +61,31 @@ def test_idx_truncated_and_mismatched(tmp_path):
     (gz / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b\x08garbage")
     with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz"):
         load_raw("mnist", tmp_path / "g", tmp_path / "cache", download=False)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_emnist_balanced_layout(tmp_path, gz):
+    data = make_emnist(tmp_path, gz=gz)
+    raw = load_raw("emnist", tmp_path, tmp_path / "cache", download=False)
+    assert raw.n_classes == 47 and raw.train_x.shape == (94, 28, 28) and raw.test_x.shape == (47, 28, 28)
+    assert torch.equal(raw.train_x, torch.from_numpy(data["train"][0]))  # as stored (not transposed back)
+    assert raw.train_y.tolist() == data["train"][1].tolist() and sorted(raw.test_y.tolist()) == list(range(47))
+
+
+def test_concat_sources_shifts_labels_and_pools_stats(tmp_path):
+    make_emnist(tmp_path)
+    make_mnist(tmp_path, "FashionMNIST")
+    e = load_raw("emnist", tmp_path, tmp_path / "cache", download=False)
+    f = load_raw("fmnist", tmp_path, tmp_path / "cache", download=False)
+    both = concat_sources([e, f])
+    assert both.n_classes == 57 and both.train_x.shape == (94 + 20, 28, 28) and both.test_x.shape == (47 + 10, 28, 28)
+    assert both.train_y.tolist() == e.train_y.tolist() + (f.train_y + 47).tolist()
+    assert both.test_y[47:].tolist() == (f.test_y + 47).tolist()
+    x = both.train_x.double() / 255
+    assert both.mean == pytest.approx((x.mean().item(),)) and both.std == pytest.approx((x.std(unbiased=False).item(),))
+    with pytest.raises(DataError, match="cannot combine"):
+        make_cifar10(tmp_path)
+        concat_sources([e, load_raw("cifar10", tmp_path, tmp_path / "cache", download=False)])
 
 
 # ------------------------------------------------------------------------------------- CIFAR
@@ -143,6 +168,7 @@ def test_corrupt_cache_is_ignored(tmp_path):
 # -------------------------------------------------------------------------- missing / download
 @pytest.mark.parametrize("name,folder,file", [("mnist", "MNIST/raw", "images-idx3"),
                                               ("fmnist", "FashionMNIST/raw", "labels-idx1"),
+                                              ("emnist", "EMNIST/raw", "emnist-balanced-{train,test}-"),
                                               ("cifar10", "cifar-10-batches-py", "test_batch"),
                                               ("cifar100", "cifar-100-python", "train")])
 def test_missing_without_download(tmp_path, name, folder, file):
@@ -185,6 +211,21 @@ def test_download_then_own_reader(tmp_path, monkeypatch):
     assert raw.train_x.shape == (20, 28, 28) and raw.test_y.shape == (10,)
 
 
+def test_emnist_download_asks_for_the_balanced_split(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    seen = []
+
+    class FakeEMNIST:  # torchvision's EMNIST needs split=; it unpacks every split into EMNIST/raw
+        def __init__(self, root, split, train, download):
+            seen.append((split, train))
+            make_emnist(Path(root))
+
+    monkeypatch.setattr(torchvision.datasets, "EMNIST", FakeEMNIST)
+    raw = load_raw("emnist", tmp_path / "new", tmp_path / "cache", download=True)
+    assert seen == [("balanced", True), ("balanced", False)] and raw.n_classes == 47
+
+
 def test_unknown_source(tmp_path):
     with pytest.raises(DataError, match="unknown data source"):
         load_raw("svhn", tmp_path, tmp_path, download=False)
@@ -203,7 +244,7 @@ def test_digits(tmp_path):
     # every 5th of each class -> test, so each class's test count is floor(count / 5)
     assert torch.equal(test_counts, (train_counts + test_counts) // 5)
     assert len(raw.mean) == 1 and 0 < raw.mean[0] < 1 and 0 < raw.std[0] < 1
-    assert SOURCES == ("digits", "mnist", "fmnist", "cifar10", "cifar100")
+    assert SOURCES == ("digits", "mnist", "fmnist", "emnist", "cifar10", "cifar100")
 
 
 # ------------------------------------------------------------------------------ genuine data

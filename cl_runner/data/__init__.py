@@ -8,14 +8,15 @@ here is touched per sample during training.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 import torch
 
-from ..config import DatasetConfig, PermutedConfig
+from ..config import DatasetConfig, EFMnistConfig, PermutedConfig
 from ..errors import ConfigError
 from ..registry import DATASETS
-from .sources import RawData, load_raw
+from .sources import RawData, concat_sources, load_raw
 
 
 @dataclass
@@ -42,7 +43,8 @@ class TaskStream:
 
     @property
     def classes_per_task(self) -> int:
-        return len(self.tasks[0].classes)
+        """The largest task's number of classes (tasks may differ in size: ef_mnist's 10/13/13/11/10)."""
+        return max(len(t.classes) for t in self.tasks)
 
 
 def build_stream(cfg, device: torch.device) -> TaskStream:
@@ -108,23 +110,26 @@ class ClassSplit:
         raw = _raw(cfg, self.source)
         order = _class_order(cfg, raw.n_classes)
         n = cfg.dataset.n_tasks
-        return _split_tasks(cfg, device, [(raw, order, n, raw.n_classes // n)])
+        return _split_tasks(cfg, device, [(raw, order, [raw.n_classes // n] * n)])
 
 
 def _split_tasks(cfg, device, parts) -> TaskStream:
-    """Cut each (raw, class order, n_tasks, classes per task) part into tasks, labels in task order."""
+    """Cut each (raw, class order, classes of each task) part into tasks, labels in task order: a part
+    with sizes [10, 13] gives a task of its first 10 classes in `order`, then one of the next 13."""
     d = cfg.dataset
     tasks, next_label = [], 0
-    for raw, order, n_tasks, per_task in parts:
-        if n_tasks == 0:
+    for raw, order, sizes in parts:
+        if not sizes:
             continue
+        used = sum(sizes)
         # position of each original class in the label space (-1: class not used)
         lut = torch.full((raw.n_classes,), -1, dtype=torch.long)
-        lut[torch.tensor(order[: per_task * n_tasks])] = torch.arange(per_task * n_tasks)
+        lut[torch.tensor(order[:used])] = torch.arange(used)
         train_x, test_x = _to_device(raw, raw.train_x, d.normalize, device), _to_device(raw, raw.test_x, d.normalize, device)
         train_pos, test_pos = lut[raw.train_y].to(device), lut[raw.test_y].to(device)
-        for k in range(n_tasks):
-            lo, hi = k * per_task, (k + 1) * per_task
+        bounds = [0, *accumulate(sizes)]
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            per_task = hi - lo
             tr = (train_pos >= lo) & (train_pos < hi)
             te = (test_pos >= lo) & (test_pos < hi)
             base = next_label if d.label_mode == "offset" else 0
@@ -133,7 +138,8 @@ def _split_tasks(cfg, device, parts) -> TaskStream:
             train, val = _carve_val(train_x[tr], ytr, d.val_fraction, cfg.seed, t_id)
             tasks.append(Task(t_id, list(range(base, base + per_task)), train, val, Split(test_x[te], yte)))
             next_label += per_task
-    n_outputs = next_label if d.label_mode == "offset" else len(tasks[0].classes)
+    # shared labels: every task reuses 0..k-1, so the output layer needs the largest task's k
+    n_outputs = next_label if d.label_mode == "offset" else max(len(t.classes) for t in tasks)
     return TaskStream(tasks, n_outputs, tuple(tasks[0].train.x.shape[1:]), d.label_mode)
 
 
@@ -151,7 +157,30 @@ class CifarTenHundred(ClassSplit):
     def build(self, cfg, device) -> TaskStream:
         c10, c100 = _raw(cfg, "cifar10"), _raw(cfg, "cifar100")
         n = cfg.dataset.n_tasks
-        return _split_tasks(cfg, device, [(c10, list(range(10)), 1, 10), (c100, _class_order(cfg, 100), n - 1, 10)])
+        return _split_tasks(cfg, device, [(c10, list(range(10)), [10]), (c100, _class_order(cfg, 100), [10] * (n - 1))])
+
+
+class EFMnist:
+    """NISPA's EF-MNIST (Gurbuz & Dovrolis 2022): EMNIST-balanced (labels 0-46) followed by Fashion-MNIST
+    (47-56), as continuum's Fellowship, cut in class order into tasks of `classes_per_task` classes
+    (the release: 10/13/13/11/10, so the last task is exactly Fashion-MNIST)."""
+
+    n_classes = 47 + 10
+
+    def check_config(self, cfg) -> None:
+        d = cfg.dataset
+        sizes = list(d.classes_per_task)
+        if sum(sizes) != self.n_classes:
+            raise ConfigError(f"dataset.classes_per_task={sizes} must add up to the {self.n_classes} classes "
+                              f"of ef_mnist (47 EMNIST-balanced + 10 Fashion-MNIST), got {sum(sizes)}")
+        if d.n_tasks > len(sizes):
+            raise ConfigError(f"dataset.n_tasks={d.n_tasks} must be at most the {len(sizes)} tasks of "
+                              f"dataset.classes_per_task={sizes} (the first n_tasks of them are trained)")
+
+    def build(self, cfg, device) -> TaskStream:
+        raw = concat_sources([_raw(cfg, "emnist"), _raw(cfg, "fmnist")])
+        order = _class_order(cfg, raw.n_classes)
+        return _split_tasks(cfg, device, [(raw, order, list(cfg.dataset.classes_per_task)[: cfg.dataset.n_tasks])])
 
 
 class Permuted:
@@ -186,6 +215,7 @@ for _name, _source, _n in (("split_digits", "digits", 10), ("split_mnist", "mnis
     DATASETS.register(_name, DatasetConfig)(ClassSplit(_source, _n))
 DATASETS.register("cifar10_100", DatasetConfig)(CifarTenHundred())
 DATASETS.register("permuted_mnist", PermutedConfig)(Permuted())
+DATASETS.register("ef_mnist", EFMnistConfig)(EFMnist())
 
 
 def replay_split(task: Task, old_tasks: list, memory: int, seed: int) -> Split:

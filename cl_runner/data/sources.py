@@ -34,19 +34,27 @@ class RawData:
     max_value: int  # 255 for images, 16 for sklearn digits
 
 
-SOURCES = ("digits", "mnist", "fmnist", "cifar10", "cifar100")
+SOURCES = ("digits", "mnist", "fmnist", "emnist", "cifar10", "cifar100")
+IDX_SOURCES = ("mnist", "fmnist", "emnist")  # IDX files, plain or .gz
 
 _IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 _IDX_HINT = "{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]"
+# EMNIST's "balanced" split (47 classes: digits, upper case, the lower-case letters unlike their capitals),
+# as torchvision unpacks it. Images are kept as stored (transposed relative to MNIST), as torchvision and
+# the NISPA release (continuum) use them.
+_EMNIST_NAMES = tuple(f"emnist-balanced-{s}-{k}-ubyte" for s in ("train", "test") for k in ("images-idx3", "labels-idx1"))
+_EMNIST_HINT = "emnist-balanced-{train,test}-{images-idx3,labels-idx1}-ubyte[.gz]"
 # name -> (folder under root, file names in reader order, how to show them, torchvision class, classes)
 _LAYOUT = {
     "mnist": ("MNIST/raw", _IDX_NAMES, _IDX_HINT, "MNIST", 10),
     "fmnist": ("FashionMNIST/raw", _IDX_NAMES, _IDX_HINT, "FashionMNIST", 10),
+    "emnist": ("EMNIST/raw", _EMNIST_NAMES, _EMNIST_HINT, "EMNIST", 47),
     "cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
                 "{data_batch_1..5,test_batch}", "CIFAR10", 10),
     "cifar100": ("cifar-100-python", ("train", "test"), "{train,test}", "CIFAR100", 100),
 }
+_TV_KWARGS = {"emnist": {"split": "balanced"}}  # torchvision's EMNIST downloads every split; we read one
 # Bump when the cached layout or the readers change, so old caches are re-read rather than trusted.
 _CACHE_VERSION = 1
 
@@ -65,7 +73,7 @@ def load_raw(name: str, root: Path, cache_dir: Path, download: bool) -> RawData:
     cache_path = Path(cache_dir) / f"{name}.pt"
     raw = _read_cache(cache_path, fingerprint)
     if raw is None:
-        if name in ("mnist", "fmnist"):
+        if name in IDX_SOURCES:
             parts = _read_idx_set(files)
         else:  # CIFAR-100's b"coarse_labels" are its 20 superclasses; we use the 100 fine ones
             parts = _read_cifar_set(files, b"fine_labels" if name == "cifar100" else b"labels")
@@ -78,7 +86,7 @@ def load_raw(name: str, root: Path, cache_dir: Path, download: bool) -> RawData:
 def _locate(name: str, root: Path) -> list[Path] | None:
     """The source's files in reader order, or None if any is missing. IDX files may be gzipped."""
     folder, names = root / _LAYOUT[name][0], _LAYOUT[name][1]
-    n_options = 2 if name in ("mnist", "fmnist") else 1
+    n_options = 2 if name in IDX_SOURCES else 1
     # Prefer the plain file: torchvision leaves both after a download, and plain reads faster.
     found = [next((p for p in (folder / f, folder / f"{f}.gz")[:n_options] if p.is_file()), None)
              for f in names]
@@ -96,7 +104,8 @@ def _fetch(name: str, root: Path, download: bool) -> list[Path]:
         socket.setdefaulttimeout(10)  # an offline machine should fail in seconds, not minutes
         try:
             for train in (True, False):
-                getattr(torchvision.datasets, tv_class)(root=str(root), train=train, download=True)
+                getattr(torchvision.datasets, tv_class)(root=str(root), train=train, download=True,
+                                                        **_TV_KWARGS.get(name, {}))
         except Exception as exc:  # noqa: BLE001 - any failure becomes the one-line message below
             reason += f"; download failed: {type(exc).__name__}: {exc}"
         finally:
@@ -204,6 +213,26 @@ def _make_raw(train_x, train_y, test_x, test_y, n_classes: int, max_value: int, 
         mean.append(m)
         std.append(float(np.sqrt(max(p @ values**2 - m * m, 0.0))))
     return RawData(train_x, train_y, test_x, test_y, n_classes, tuple(mean), tuple(std), max_value)
+
+
+def concat_sources(parts: list[RawData]) -> RawData:
+    """Several sources as one (continuum's Fellowship): images stacked, each source's labels shifted past
+    the classes of the sources before it. Per-channel stats are pooled exactly from each part's
+    (mean, std) weighted by its number of training pixels."""
+    shapes = {tuple(p.train_x.shape[1:]) for p in parts} | {tuple(p.test_x.shape[1:]) for p in parts}
+    if len(shapes) != 1 or len({p.max_value for p in parts}) != 1:
+        raise DataError(f"cannot combine sources of image shapes {sorted(shapes)} and value ranges "
+                        f"{sorted({p.max_value for p in parts})}")
+    offsets = np.cumsum([0] + [p.n_classes for p in parts[:-1]]).tolist()
+    n = np.array([len(p.train_y) for p in parts], dtype=np.float64)
+    w = n / n.sum()
+    mean = np.array([p.mean for p in parts]).T @ w  # per channel
+    second = (np.array([p.std for p in parts]) ** 2 + np.array([p.mean for p in parts]) ** 2).T @ w  # E[x^2]
+    std = np.sqrt(np.maximum(second - mean**2, 0.0))
+    cat = lambda field: torch.cat([getattr(p, field) for p in parts])  # noqa: E731
+    shift = lambda field: torch.cat([getattr(p, field) + o for p, o in zip(parts, offsets)])  # noqa: E731
+    return RawData(cat("train_x"), shift("train_y"), cat("test_x"), shift("test_y"),
+                   sum(p.n_classes for p in parts), tuple(mean.tolist()), tuple(std.tolist()), parts[0].max_value)
 
 
 def _read_cache(path: Path, fingerprint: list) -> RawData | None:

@@ -1,5 +1,6 @@
-"""Networks: `mlp`, `cnn` (the 4-conv network of Zenke et al. 2017) and `cnn_wide` (the fully
-convolutional network of Golkar et al. 2019, Tab. 3), single or multi-head.
+"""Networks: `mlp`, `cnn` (the 4-conv network of Zenke et al. 2017), `nispa_cnn` (the 4-conv network of
+Gurbuz & Dovrolis 2022) and `cnn_wide` (the fully convolutional network of Golkar et al. 2019, Tab. 3),
+single or multi-head.
 
 Both end in one output layer `out` over the stream's whole label space. A multi-head model is the same
 layer read per task: each task's head is the block of rows of its classes, its loss and task-IL
@@ -13,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from ..config import CNNConfig, CNNWideConfig, MLPConfig
+from ..config import CNNConfig, CNNWideConfig, MLPConfig, NispaCNNConfig
 from ..errors import ConfigError
 from ..registry import MODELS
 
@@ -82,6 +83,45 @@ class CNN(nn.Module):
         x = x.flatten(1)
         for layer in self.hidden:
             x = self.drop_dense(torch.relu(layer(x)))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.features(x))
+
+
+@MODELS.register("nispa_cnn", NispaCNNConfig)
+class NispaCNN(nn.Module):
+    """NISPA's CIFAR network (the release's ConvNet): conv c0 → conv c1 → maxpool 2 → conv c2 → conv c3 →
+    maxpool 2 → dense(hidden...) → out, every conv 3x3 / stride 1 / padding 1, ReLU after every conv and
+    dense layer, no dropout, no BatchNorm. On 32x32 inputs the first dense layer sees c3·8·8 features.
+    PyTorch's default init: the method draws its own (NISPA: Kaiming-normal)."""
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        _check_head(cfg)
+        if len(cfg.model.channels) != 4:
+            raise ConfigError(f"model.channels must list 4 conv widths for nispa_cnn, got {list(cfg.model.channels)}")
+
+    def __init__(self, mcfg, input_shape: tuple, n_outputs: int):
+        super().__init__()
+        c_in, h, w = input_shape
+        if h < 4 or w < 4:
+            raise ConfigError(f"model=nispa_cnn needs inputs of at least 4x4 pixels (two 2x2 max-pools), got {(h, w)}")
+        widths = [c_in, *mcfg.channels]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=1, padding=1) for a, b in zip(widths[:-1], widths[1:]))
+        self.pool = nn.MaxPool2d(2)
+        dims = [mcfg.channels[-1] * (h // 4) * (w // 4), *mcfg.hidden]  # 'same' convs; each pool halves (floor)
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.out = nn.Linear(dims[-1], n_outputs)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        for i, conv in enumerate(self.convs):
+            x = torch.relu(conv(x))
+            if i % 2 == 1:  # after each pair of convs: [N, c1, H/2, W/2], then [N, c3, H/4, W/4]
+                x = self.pool(x)
+        x = x.flatten(1)
+        for layer in self.hidden:
+            x = torch.relu(layer(x))
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
