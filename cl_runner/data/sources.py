@@ -43,7 +43,8 @@ _IDX_HINT = "{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]"
 # EMNIST's "balanced" split (47 classes: digits, upper case, the lower-case letters unlike their capitals),
 # as torchvision unpacks it. Images are kept as stored (transposed relative to MNIST), as torchvision and
 # the NISPA release (continuum) use them.
-_EMNIST_NAMES = tuple(f"emnist-balanced-{s}-{k}-ubyte" for s in ("train", "test") for k in ("images-idx3", "labels-idx1"))
+_EMNIST_NAMES = tuple(f"emnist-balanced-{s}-{k}-ubyte"
+                      for s in ("train", "test") for k in ("images-idx3", "labels-idx1"))
 _EMNIST_HINT = "emnist-balanced-{train,test}-{images-idx3,labels-idx1}-ubyte[.gz]"
 # name -> (folder under root, file names in reader order, how to show them, torchvision class, classes)
 _LAYOUT = {
