@@ -94,3 +94,31 @@ def check_clnp(cfg) -> None:
     if cfg.method.depleted == "transfer" and cfg.model.head != "multi":
         raise ConfigError("method.depleted=transfer (head-only training once the last hidden layer is "
                           "full) needs model.head=multi")
+
+
+@dataclass
+class NISPAConfig(MethodConfig):
+    # `epochs` = e, the epochs of one phase (the release's phase_epochs)
+    sparsity: float = key(ge=0, lt=1)  # fraction of every masked layer's connections absent from the start
+    dense_first_conv: bool = key()  # the first conv keeps all its (out, in) channel pairs [release]
+    a_f: float = key(ge=0)  # accuracy points a phase may lose against the best before the task stops
+    k: float = key(gt=0)  # the schedule's step parameter (cosine: phases until p reaches 0)
+    p_schedule: str = key(choices=("cosine", "linear", "exp_decay"))
+    p_min: float = key(ge=0, lt=100)  # percent: a phase whose p is at or below it ends the task
+    grow: bool = key()
+    grow_init: str = key(choices=("normal", "uniform", "zero"))
+    rewire: str = key(choices=("full_random", "forward_random", "flow_random"))
+    reinit: bool = key()
+    init: str = key(choices=("release", "model"))
+
+
+def check_nispa(cfg) -> None:
+    if cfg.dataset.val_fraction <= 0:
+        raise ConfigError("method=nispa needs dataset.val_fraction > 0 (each phase keeps its best validation "
+                          "epoch; the release holds out 0.1)")
+    if cfg.model.head != "single" or cfg.dataset.label_mode != "offset":
+        raise ConfigError("method=nispa has one shared output layer over all classes: it needs model.head=single "
+                          "and dataset.label_mode=offset")
+    if cfg.model.get("activation", "relu") != "relu":
+        raise ConfigError(f"method=nispa ranks units by mean ReLU activation: it needs model.activation=relu, "
+                          f"got {cfg.model.activation}")

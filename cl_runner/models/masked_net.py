@@ -15,7 +15,8 @@ matter, and backwards from them the units with a connection into what is kept. W
 compact too; `block(l)` hands a method the trained block of layer l either way.
 
 Capacity vocabulary (per layer, every quantity a count unless it ends in `_pct`, a percentage):
-    conn_task<k>   connections owned by task k        conn_free  nobody's   conn_cut  held at 0 for good
+    conn_task<k>   connections owned by task k        conn_free  absent     conn_cut  held at 0 for good
+    conn_spare     present, no task's yet
     conn_used_pct  100 · owned / all positions
     units_reserved reserved / stable units            units_new  reserved by the newest task
     units_shared   unreserved units with incoming connections of some task
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .masks import CUT, FREE, Masked, MaskedLinear
+from .masks import CUT, FREE, SPARE, Masked, MaskedLinear
 
 
 @dataclass
@@ -173,12 +174,13 @@ class MaskedNet:
         units = len(self.layers) - 1 if units is None else units
         out = {}
         for l, (name, m) in enumerate(zip(self.names, self.layers)):
-            counts = torch.bincount(m.owner.flatten().long() + 2, minlength=n_tasks + 2).tolist()
-            c = {f"conn_task{k}": counts[k + 2] for k in range(n_tasks)}
-            c["conn_free"] = counts[FREE + 2]
-            if counts[CUT + 2]:
-                c["conn_cut"] = counts[CUT + 2]
-            c["conn_used_pct"] = 100.0 * sum(counts[2:]) / m.owner.numel()
+            counts = torch.bincount(m.owner.flatten().long() + 3, minlength=n_tasks + 3).tolist()
+            c = {f"conn_task{k}": counts[k + 3] for k in range(n_tasks)}
+            c["conn_free"] = counts[FREE + 3]
+            for quantity, state in (("conn_cut", CUT), ("conn_spare", SPARE)):
+                if counts[state + 3]:
+                    c[quantity] = counts[state + 3]
+            c["conn_used_pct"] = 100.0 * sum(counts[3:]) / m.owner.numel()
             if l < units:
                 reserved, width = m.reserved_units(), len(m.unit_owner)
                 shared = ~reserved & m.used_units()

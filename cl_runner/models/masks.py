@@ -3,12 +3,13 @@
 `make_masked(layer)` turns a built `nn.Linear` / `nn.Conv2d` into its masked version in place (same
 parameters, same forward) and adds two registered buffers:
 
-    owner       [out, in] int16  FREE, CUT, or t: the connection (a conv's k×k kernel) belongs to task t
+    owner       [out, in] int16  FREE, CUT, SPARE, or t: the connection (a conv's k×k kernel) belongs to task t
     unit_owner  [out]     int16  FREE, CANDIDATE, or t: the unit (neuron / feature map) is reserved
                                  (stable, committed) by task t
 
-Connection states: FREE (-1) = nobody's, may be allocated or grown into; CUT (-2) = held at 0 for good
-(CLNP's interference weights). Unit states: FREE = plastic; CANDIDATE (-2) = proposed for reservation by
+Connection states: FREE (-1) = absent, nobody's, may be allocated or grown into; CUT (-2) = held at 0 for
+good (CLNP's interference weights); SPARE (-3) = present but no task's yet (NISPA's plastic connections
+between tasks, taken over by the next one). Unit states: FREE = plastic; CANDIDATE (-2) = proposed for reservation by
 the running task (NISPA's candidate stable units); t >= 0 = reserved / stable by task t.
 Everything else derives from them ("trainable now", "frozen", "free", capacity; see MaskedNet). The
 forward pass needs no mask: a position nobody owns holds an exact 0, which the methods keep so.
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FREE, CUT, CANDIDATE = -1, -2, -2
+FREE, CUT, SPARE, CANDIDATE = -1, -2, -3, -2
 
 
 class Masked:

@@ -1,0 +1,133 @@
+"""NISPA (../shared/specs/nispa.md): zero forgetting, constant density, stable units frozen bit for bit,
+growth into plastic units only, grown weights as specified, masked logits; fast on the bundled digits."""
+import pytest
+import torch
+
+from cl_runner.config import validate
+from cl_runner.data import build_stream
+from cl_runner.errors import ConfigError
+from cl_runner.models import build_model
+from cl_runner.models.masks import FREE
+from cl_runner.registry import METHODS
+from cl_runner.train import run
+
+SMALL = ("method=nispa", "model.hidden=[48,48]", "dataset.val_fraction=0.2", "dataset.normalize=unit", "method.lr=0.002",
+         "method.epochs=2", "method.batch_size=64", "method.k=8", "hardware=cpu")
+
+
+def build(make_cfg, *overrides):
+    cfg = validate(make_cfg(*SMALL, *overrides))
+    torch.manual_seed(cfg.seed)
+    stream = build_stream(cfg, torch.device("cpu"))
+    model = build_model(cfg, stream)
+    return METHODS.get("nispa")(cfg, model, stream, torch.device("cpu")), stream
+
+
+def present(method):
+    return [int((m.owner != FREE).sum()) for m in method.layers]
+
+
+def test_density_and_growth_rules_hold_in_every_phase(make_cfg):
+    """Each drop is matched by a grow in the same layer (hidden layers have plastic units to grow into);
+    nothing grows into a stable or candidate unit; plastic units keep an outgoing connection."""
+    method, stream = build(make_cfg)
+    start = present(method)
+    total = [m.owner.numel() for m in method.layers]
+    assert all(abs(p / n - 0.2) < 0.05 for p, n in zip(start, total))  # 80 % sparse, i.i.d.
+    orig, checked = method._grow, []
+
+    def grow(dropped, t):
+        S = method._stable(t, candidates=True)
+        before = [m.owner.clone() for m in method.layers]
+        grown = orig(dropped, t)
+        for l, (m, b) in enumerate(zip(method.layers, before)):
+            new = (b == FREE) & (m.owner != FREE)
+            assert not new[S[l + 1]].any()  # never into a stable / candidate unit
+            if l < len(method.layers) - 1:  # hidden targets: as many grown as dropped
+                assert grown[l] == dropped[l] == int(new.sum())
+        checked.append(t)
+        return grown
+
+    method._grow = grow
+    for task in stream.tasks[:2]:
+        method.fit_task(task)
+        hidden = present(method)[:-1]
+        assert hidden == start[:-1], (task.id, hidden, start)
+    assert checked
+
+
+def test_stable_weights_and_biases_bit_identical_and_zero_forgetting(make_cfg):
+    method, stream = build(make_cfg)
+    method.fit_task(stream.tasks[0])
+    S = method._stable(1)
+    frozen = method._frozen(1)
+    assert any(int(s.sum()) for s in S[1:-1])  # task 0 kept stable units
+    w0 = [m.weight.detach().clone() for m in method.layers]
+    b0 = [m.bias.detach().clone() for m in method.layers]
+    x, task0 = stream.tasks[0].test.x, stream.tasks[0]
+    method.model.eval()
+    logits0 = method.predict(x)[:, task0.classes]
+    for task in stream.tasks[1:3]:
+        method.fit_task(task)
+    for l, m in enumerate(method.layers):
+        assert torch.equal(m.weight[m.expand(frozen[l])], w0[l][m.expand(frozen[l])])
+        assert torch.equal(m.bias[S[l + 1]], b0[l][S[l + 1]])
+        rows = S[l + 1]  # stable units read only stable units (no connection from a plastic one)
+        assert not ((m.owner != FREE)[rows][:, ~method.net.cols(l, S[l])]).any()
+    method.model.eval()
+    assert torch.equal(method.predict(x)[:, task0.classes], logits0)
+
+
+def test_run_task_il_columns_constant_and_diagnostics(make_cfg, tmp_path):
+    run(make_cfg(*SMALL))
+    import json
+    r = json.loads(next((tmp_path / "outputs").rglob("results.json")).read_text())
+    assert r["status"] == "finished"
+    for j in range(5):  # forgetting is exactly 0 in the task-incremental setting
+        assert all(r["acc_til"][i][j] == r["acc_til"][j][j] for i in range(j, 5))
+    for d, cap in zip(r["method_metrics"], r["capacity"]):
+        assert 1 <= d["phases"] <= 8 and 0 < d["final_p"] <= 100 and d["phase_1/val_acc"] >= 0
+        assert cap["fc1"]["units_reserved"] + cap["fc1"]["units_free"] + cap["fc1"]["units_shared"] == 48
+    assert r["metrics"]["final/forgetting_til"] == 0.0
+
+
+def test_logits_outside_the_task_are_zero_in_the_loss(make_cfg):
+    method, stream = build(make_cfg)
+    task = stream.tasks[1]
+    method.out_mask.zero_()[task.classes] = 1.0
+    logits = torch.randn(4, stream.n_outputs)
+    y = torch.tensor(task.classes * 2)
+    masked = logits.clone()
+    masked[:, [c for c in range(stream.n_outputs) if c not in task.classes]] = 0.0
+    torch.testing.assert_close(method.loss(logits, y, task), torch.nn.functional.cross_entropy(masked, y))
+
+
+def test_grown_weights_are_drawn_as_specified(make_cfg):
+    method, _ = build(make_cfg)
+    m = method.layers[1]
+    w = method._new_weights(m, (200000, 1))
+    nz = m.weight[m.weight != 0]
+    assert abs(float(w.mean() - nz.mean())) < 0.01 and abs(float(w.std() - nz.std(unbiased=False))) < 0.01
+    method.hp.grow_init = "zero"
+    assert not method._new_weights(m, (5, 1)).any()
+
+
+def test_checkpoint_round_trip(make_cfg):
+    method, stream = build(make_cfg)
+    method.fit_task(stream.tasks[0])
+    fresh, _ = build(make_cfg)
+    fresh.load_state_dict(method.state_dict())
+    for a, b in zip(method.layers, fresh.layers):
+        assert torch.equal(a.owner, b.owner) and torch.equal(a.unit_owner, b.unit_owner)
+    x = stream.tasks[0].test.x
+    assert torch.equal(method.predict(x), fresh.predict(x))
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (("dataset.val_fraction=0",), "dataset.val_fraction > 0"),
+    (("model.head=multi",), "model.head=single"),
+    (("method.sparsity=1.0",), "method.sparsity"),
+])
+def test_config_errors(make_cfg, overrides, words):
+    with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+        validate(make_cfg(*SMALL, *overrides))
