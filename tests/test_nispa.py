@@ -131,3 +131,24 @@ def test_checkpoint_round_trip(make_cfg):
 def test_config_errors(make_cfg, overrides, words):
     with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
         validate(make_cfg(*SMALL, *overrides))
+
+
+def test_cnn_first_conv_dense_others_sparse_and_zero_forgetting(make_cfg, tmp_path):
+    """NISPA's CNN on synthetic CIFAR-100 in its real on-disk format: the first conv keeps every channel pair,
+    the others are masked per (out, in) pair; conv2/conv4 activity is read after their max-pool; columns
+    of the task-IL matrix stay constant."""
+    from fakedata import make_cifar100
+
+    make_cifar100(tmp_path / "data", n_train=300, n_test=100)
+    cnn = ("model=nispa_cnn", "model.channels=[4,4,8,8]", "model.hidden=[16]", "dataset=split_cifar100",
+           "dataset.n_tasks=20", "dataset.normalize=unit", "method.sparsity=0.5")
+    method, _ = build(make_cfg, *cnn)
+    assert (method.layers[0].owner != FREE).all() and method.units.taps[1] is method.model.pool
+    assert 0.3 < float((method.layers[2].owner != FREE).float().mean()) < 0.7
+    run(make_cfg(*SMALL, *cnn))
+    import json
+    r = json.loads(next((tmp_path / "outputs").rglob("results.json")).read_text())
+    assert r["status"] == "finished"
+    T = len(r["acc_til"])
+    for j in range(T):
+        assert all(r["acc_til"][i][j] == r["acc_til"][j][j] for i in range(j, T))

@@ -41,7 +41,10 @@ class NISPA(Method):
         self.layers = [make_masked(m) for m in (*convs, *model.hidden, model.out)]
         names = [f"conv{i + 1}" for i in range(len(convs))] + [f"fc{i + 1}" for i in range(len(model.hidden))]
         self.net = MaskedNet(model, self.layers, names + ["out"])
-        self.units = UnitHooks(self.layers[:-1], [None] * (len(self.layers) - 1))  # activity of hidden units
+        # activity of the hidden units; a conv followed by a max-pool is measured after it [release]
+        pool = getattr(model, "pool", None)
+        taps = [pool if i % 2 == 1 else None for i in range(len(convs))] + [None] * len(model.hidden)
+        self.units = UnitHooks(self.layers[:-1], [None] * (len(self.layers) - 1), taps)
         self.gen = torch.Generator().manual_seed(cfg.seed)  # masks, candidates' fixes and growth (on the CPU)
         self.register_buffer("task", torch.tensor(-1))
         self.register_buffer("out_mask", torch.zeros(stream.n_outputs, device=device))  # the running task's classes

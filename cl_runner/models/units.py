@@ -21,9 +21,10 @@ def _chan(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class UnitHooks:
-    def __init__(self, modules: list, norms: list):
-        """modules[l]: the weight layer writing hidden layer l; norms[l]: its BatchNorm2d or None."""
-        self.norms = norms
+    def __init__(self, modules: list, norms: list, taps: list | None = None):
+        """modules[l]: the weight layer writing hidden layer l; norms[l]: its BatchNorm2d or None; taps[l]:
+        None, or a module applied to the ReLU output before activity is summed (e.g. the max-pool that follows)."""
+        self.norms, self.taps = norms, taps or [None] * len(modules)
         self.gates: list = [None] * len(modules)
         self._held: list = [None] * len(modules)  # (frozen units, running mean, running var)
         self._act = self._count = None
@@ -38,8 +39,9 @@ class UnitHooks:
                 fixed = F.batch_norm(inputs[0], mean, var, module.weight, module.bias, False, 0.0, module.eps)
                 out = torch.where(_chan(frozen, out), fixed, out)
             if self._act is not None:
-                self._act[l] += torch.relu(out).sum([d for d in range(out.dim()) if d != 1])
-                self._count[l] += out.numel() // out.shape[1]
+                a = torch.relu(out) if self.taps[l] is None else self.taps[l](torch.relu(out))
+                self._act[l] += a.sum([d for d in range(a.dim()) if d != 1])
+                self._count[l] += a.numel() // a.shape[1]
             g = self.gates[l]
             return out if g is None else out * _chan(g, out)
         return hook
