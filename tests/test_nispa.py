@@ -152,3 +152,33 @@ def test_cnn_first_conv_dense_others_sparse_and_zero_forgetting(make_cfg, tmp_pa
     T = len(r["acc_til"])
     for j in range(T):
         assert all(r["acc_til"][i][j] == r["acc_til"][j][j] for i in range(j, T))
+
+
+@pytest.mark.parametrize("protocol,fake", [("nispa_ef_mnist", "emnist"), ("nispa_cifar10", "cifar10"),
+                                           ("nispa_cifar100", "cifar100")])
+def test_paper_protocols_end_to_end_on_files_in_the_real_formats(make_cfg, tmp_path, protocol, fake):
+    """The pinned protocols, shrunk in width and phases only, on small files written in torchvision's layouts."""
+    import json
+
+    import fakedata
+
+    data = tmp_path / "data"
+    if fake == "emnist":
+        fakedata.make_emnist(data, n_train=570, n_test=114)
+        fakedata.make_mnist(data, folder="FashionMNIST", n_train=100, n_test=20)
+    elif fake == "cifar10":
+        fakedata.make_cifar10(data)
+    else:
+        fakedata.make_cifar100(data, n_train=300, n_test=100)
+    small = ["method.epochs=1", "method.k=3", "hardware=cpu"]
+    small += ["model.hidden=[32,32,32]"] if fake == "emnist" else ["model.channels=[4,4,8,8]", "model.hidden=[16]",
+                                                                   "dataset.normalize=unit"]
+    run(make_cfg(f"+experiment={protocol}", *small,
+                 data=data))
+    r = json.loads(next((tmp_path / "outputs").rglob("results.json")).read_text())
+    assert r["status"] == "finished" and r["tasks_done"] == len(r["acc_til"])
+    want = {"nispa_ef_mnist": ("ef_mnist", 0.8, 512), "nispa_cifar10": ("split_cifar10", 0.9, 128),
+            "nispa_cifar100": ("split_cifar100", 0.9, 64)}[protocol]
+    c = r["config"]
+    assert (c["dataset"]["name"], c["method"]["sparsity"], c["method"]["batch_size"]) == want
+    assert all(d["phases"] >= 1 for d in r["method_metrics"])
