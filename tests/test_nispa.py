@@ -106,7 +106,7 @@ def test_grown_weights_are_drawn_as_specified(make_cfg):
     method, _ = build(make_cfg)
     m = method.layers[1]
     w = method._new_weights(m, (200000, 1))
-    nz = m.weight[m.weight != 0]
+    nz = m.weight.detach()[m.weight != 0]
     assert abs(float(w.mean() - nz.mean())) < 0.01 and abs(float(w.std() - nz.std(unbiased=False))) < 0.01
     method.hp.grow_init = "zero"
     assert not method._new_weights(m, (5, 1)).any()
