@@ -182,3 +182,23 @@ def test_paper_protocols_end_to_end_on_files_in_the_real_formats(make_cfg, tmp_p
     c = r["config"]
     assert (c["dataset"]["name"], c["method"]["sparsity"], c["method"]["batch_size"]) == want
     assert all(d["phases"] >= 1 for d in r["method_metrics"])
+
+
+def test_replay_variant_class_balanced_memory_and_unfrozen_output(make_cfg):
+    """method=nispa_replay: the memory holds replay_memory // (classes seen) random samples of every seen
+    class, replayed minibatches enter the loss, and the output layer keeps learning old classes."""
+    method, stream = build(make_cfg, "method=nispa_replay", "method.replay_memory=40", "method.batch_size=32")
+    assert method.replay and not method.memory.ge(0).any()
+    for t, task in enumerate(stream.tasks[:3]):
+        out0 = method.layers[-1].weight.detach().clone()
+        method.fit_task(task)
+        kept = method.memory[method.memory[:, 0] >= 0]
+        seen = 2 * (t + 1)
+        assert len(kept) == 40 // seen * seen
+        labels = torch.stack([stream.tasks[int(j)].train.y[int(i)] for j, i, _ in kept.tolist()])
+        assert torch.equal(labels, kept[:, 2]) and all(int((kept[:, 2] == c).sum()) == 40 // seen for c in range(seen))
+        if t:  # old classes' output rows move (the release never freezes the output layer)
+            assert not torch.equal(method.layers[-1].weight[:2 * t], out0[:2 * t])
+    logits = torch.randn(4, stream.n_outputs)
+    y = torch.tensor([4, 5, 4, 5])
+    assert method.loss(logits, y, stream.tasks[2]) > torch.nn.functional.cross_entropy(logits, y)  # + replay term

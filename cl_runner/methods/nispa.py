@@ -8,7 +8,10 @@ task (FREE = absent, an exact 0); the running task owns every present connection
 frozen ones keep the task that froze them. A unit is plastic (FREE), a CANDIDATE during a phase, or
 stable since task t (`unit_owner`); inputs are always stable, outputs of every seen class count as stable.
 Task-incremental as in the paper: the logits of classes outside the running task are multiplied by 0 in
-training and in the validation that picks epochs and phases.
+training and in the validation that picks epochs and phases. `replay_memory > 0` is the release's
+class-incremental variant (NISPA_Replay): no output masking, the output layer never freezes, each step adds
+replay_lambda × the loss of a minibatch of stored samples (class-balanced, random), and a phase keeps its
+last epoch.
 """
 from __future__ import annotations
 
@@ -48,6 +51,9 @@ class NISPA(Method):
         self.gen = torch.Generator().manual_seed(cfg.seed)  # masks, candidates' fixes and growth (on the CPU)
         self.register_buffer("task", torch.tensor(-1))
         self.register_buffer("out_mask", torch.zeros(stream.n_outputs, device=device))  # the running task's classes
+        self.replay = self.hp.replay_memory > 0
+        # class-IL: stored samples as (task, index in its training split, label), -1 = empty
+        self.register_buffer("memory", torch.full((self.hp.replay_memory, 3), -1, dtype=torch.long, device=device))
         self._init_weights()
         self._sparsify()
 
@@ -99,13 +105,15 @@ class NISPA(Method):
             m.owner[m.owner == SPARE] = t
         self.layers[-1].unit_owner[task.classes] = t  # its outputs count as stable from now on
         self.out_mask.zero_()[task.classes] = 1.0
+        if self.replay:
+            self._memory_batches()
         diag, acc_best, kept, p_kept, p_last, phase = {}, 0.0, None, 100.0, 100.0, 0
         while True:
             phase += 1
             p = 100 * SCHEDULES[hp.p_schedule](phase, hp.k)
             acc = self._train_phase(task)  # step 1
             diag[f"phase_{phase}/val_acc"] = acc
-            if (phase > 2 and acc < acc_best - hp.a_f) or p <= hp.p_min:  # step 2: back to the last phase
+            if (phase > hp.min_phases and acc < acc_best - hp.a_f) or p <= hp.p_min:  # step 2: back to the last phase
                 if kept is not None:
                     self.model.load_state_dict(kept)
                 break
@@ -116,6 +124,8 @@ class NISPA(Method):
             diag[f"phase_{phase}/dropped"], diag[f"phase_{phase}/grown"] = float(sum(dropped)), float(sum(grown))
             p_last = p
         self._end_task(t)  # step 6
+        if self.replay:
+            self._store(task)
         diag.update(phases=float(phase), final_p=p_kept)
         return diag
 
@@ -129,13 +139,16 @@ class NISPA(Method):
         """A new optimizer [release: Adam]; `epochs` epochs, keeping the one with the best validation accuracy.
         Frozen connections and the biases of stable units do not move."""
         stable = self._stable(task.id)
-        self.net.train_only([m.owned_by(task.id) for m in self.layers], [~s for s in stable[1:]], hold=True)
+        weights, biases = [m.owned_by(task.id) for m in self.layers], [~s for s in stable[1:]]
+        if self.replay:  # the output layer is never frozen [release]
+            weights[-1], biases[-1] = self.layers[-1].owner >= 0, torch.ones_like(biases[-1])
+        self.net.train_only(weights, biases, hold=True)
         self.optimizer = self.make_optimizer(self.net.params())
         best, best_state = 0.0, None
         for _ in range(self.hp.epochs):
             self.train_epochs(task, task.train, 1)
             acc = self._val_acc(task)
-            if acc > best:
+            if acc > best or self.replay:  # replay: the last epoch [release]
                 best, best_state = acc, self._snapshot()
         self.net.end_phase()
         if best_state is not None:
@@ -149,15 +162,26 @@ class NISPA(Method):
         self.net.restore()  # Adam's moments never move them either: bit-identical
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, task) -> torch.Tensor:
-        return F.cross_entropy(logits * self.out_mask, y)  # other classes' logits are 0, not -inf [release]
+        if not self.replay:
+            return F.cross_entropy(logits * self.out_mask, y)  # other classes' logits are 0, not -inf [release]
+        loss = F.cross_entropy(logits, y)
+        if self._mem_x is not None:  # + λ · the loss of the next minibatch of stored samples (cycled, reshuffled)
+            if self._mem_at >= len(self._mem_order):
+                self._mem_order, self._mem_at = torch.randperm(len(self._mem_y), device=self.device,
+                                                               generator=self.shuffle_gen), 0
+            idx = self._mem_order[self._mem_at:self._mem_at + self.hp.batch_size]
+            self._mem_at += self.hp.batch_size
+            loss = loss + self.hp.replay_lambda * F.cross_entropy(self.model(self._mem_x[idx]), self._mem_y[idx])
+        return loss
 
     @torch.no_grad()
     def _val_acc(self, task) -> float:
         was = self.model.training
         self.model.eval()
         correct, bs, val = torch.zeros((), dtype=torch.long, device=self.device), self.cfg.eval.batch_size, task.val
+        mask = 1.0 if self.replay else self.out_mask  # class-IL: every output
         for i in range(0, len(val.y), bs):
-            correct += ((self.model(val.x[i:i + bs]) * self.out_mask).argmax(1) == val.y[i:i + bs]).sum()
+            correct += ((self.model(val.x[i:i + bs]) * mask).argmax(1) == val.y[i:i + bs]).sum()
         self.model.train(was)
         return 100.0 * correct.item() / len(val.y)
 
@@ -251,6 +275,33 @@ class NISPA(Method):
         nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")
         if b is not None:
             nn.init.zeros_(b)
+
+    # -- the class-IL variant's memory ------------------------------------------------------------------
+    def _memory_batches(self) -> None:
+        """The stored samples on the device for this task's replayed minibatches."""
+        kept = self.memory[self.memory[:, 0] >= 0]
+        parts = [self.stream.tasks[j].train for j in kept[:, 0].unique().tolist()]
+        idx = [kept[kept[:, 0] == j][:, 1] for j in kept[:, 0].unique().tolist()]
+        self._mem_x = torch.cat([p.x[i] for p, i in zip(parts, idx)]) if parts else None
+        self._mem_y = torch.cat([p.y[i] for p, i in zip(parts, idx)]) if parts else None
+        self._mem_order, self._mem_at = torch.empty(0, dtype=torch.long, device=self.device), 0
+
+    @torch.no_grad()
+    def _store(self, task) -> None:
+        """Random class-balanced memory [release: continuum's RehearsalMemory, herding "random"]: every seen
+        class keeps replay_memory // (classes seen) samples, old classes the first of theirs."""
+        old = self.memory[self.memory[:, 0] >= 0]
+        classes = sorted({c for t in self.stream.tasks[:task.id + 1] for c in t.classes})
+        quota, rows = self.hp.replay_memory // len(classes), []
+        for c in classes:
+            if c in task.classes:
+                pool = (task.train.y == c).nonzero().squeeze(1)
+                pick = pool[torch.randperm(len(pool), generator=self.gen)[:quota].to(self.device)]
+                rows.append(torch.stack([torch.full_like(pick, task.id), pick, torch.full_like(pick, c)], 1))
+            else:
+                rows.append(old[old[:, 2] == c][:quota])
+        rows = torch.cat(rows)
+        self.memory.fill_(-1)[:len(rows)] = rows
 
     # -- diagnostics -----------------------------------------------------------------------------------
     def capacity(self) -> dict:

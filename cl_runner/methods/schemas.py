@@ -105,11 +105,14 @@ class NISPAConfig(MethodConfig):
     k: float = key(gt=0)  # the schedule's step parameter (cosine: phases until p reaches 0)
     p_schedule: str = key(choices=("cosine", "linear", "exp_decay"))
     p_min: float = key(ge=0, lt=100)  # percent: a phase whose p is at or below it ends the task
+    min_phases: int = key(ge=1)  # the accuracy stop rule applies after this many phases
     grow: bool = key()
     grow_init: str = key(choices=("normal", "uniform", "zero"))
     rewire: str = key(choices=("full_random", "forward_random", "flow_random"))
     reinit: bool = key()
     init: str = key(choices=("release", "model"))
+    replay_memory: int = key(ge=0)  # 0: task-incremental | N: class-IL with N stored samples, output layer unfrozen
+    replay_lambda: float = key(ge=0)  # weight of the replayed minibatch's loss
 
 
 def check_nispa(cfg) -> None:
