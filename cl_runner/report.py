@@ -2,7 +2,7 @@
 
     cl-report outputs/runs                     # every results.json under a folder (tracking=local)
     cl-report --experiment cl_runner --ref     # MLflow, beside the published numbers in references.yaml
-    cl-report --parent <sweep run id> --metrics capacity/fc1/used_frac --csv table.csv
+    cl-report --parent <sweep run id> --metrics capacity/fc1/units_used_pct --csv table.csv
     cl-report --sync outputs --tracking-uri http://127.0.0.1:5000   # upload what a dead server missed
 
 A row is a method × dataset (config names) plus every identity key (identity.py) that takes more than one
