@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.memory import empty_memory, gather, store_balanced
 from ..models.masked_net import MaskedNet
 from ..models.masks import CANDIDATE, FREE, SPARE, make_masked
 from ..models.units import UnitHooks
@@ -52,8 +53,7 @@ class NISPA(Method):
         self.register_buffer("task", torch.tensor(-1))
         self.register_buffer("out_mask", torch.zeros(stream.n_outputs, device=device))  # the running task's classes
         self.replay = self.hp.replay_memory > 0
-        # class-IL: stored samples as (task, index in its training split, label), -1 = empty
-        self.register_buffer("memory", torch.full((self.hp.replay_memory, 3), -1, dtype=torch.long, device=device))
+        self.register_buffer("memory", empty_memory(self.hp.replay_memory, device))  # class-IL: stored samples
         self._init_weights()
         self._sparsify()
 
@@ -105,8 +105,9 @@ class NISPA(Method):
             m.owner[m.owner == SPARE] = t
         self.layers[-1].unit_owner[task.classes] = t  # its outputs count as stable from now on
         self.out_mask.zero_()[task.classes] = 1.0
-        if self.replay:
-            self._memory_batches()
+        if self.replay:  # the stored samples on the device, replayed in reshuffled minibatches
+            self._mem_x, self._mem_y = gather(self.memory, self.stream.tasks)
+            self._mem_order, self._mem_at = torch.empty(0, dtype=torch.long, device=self.device), 0
         diag, acc_best, kept, p_kept, p_last, phase = {}, 0.0, None, 100.0, 100.0, 0
         while True:
             phase += 1
@@ -124,8 +125,8 @@ class NISPA(Method):
             diag[f"phase_{phase}/dropped"], diag[f"phase_{phase}/grown"] = float(sum(dropped)), float(sum(grown))
             p_last = p
         self._end_task(t)  # step 6
-        if self.replay:
-            self._store(task)
+        if self.replay:  # [release: continuum's random class-balanced RehearsalMemory]
+            store_balanced(self.memory, task, sorted({c for o in self.stream.tasks[:t + 1] for c in o.classes}), self.gen)
         diag.update(phases=float(phase), final_p=p_kept)
         return diag
 
@@ -275,33 +276,6 @@ class NISPA(Method):
         nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")
         if b is not None:
             nn.init.zeros_(b)
-
-    # -- the class-IL variant's memory ------------------------------------------------------------------
-    def _memory_batches(self) -> None:
-        """The stored samples on the device for this task's replayed minibatches."""
-        kept = self.memory[self.memory[:, 0] >= 0]
-        parts = [self.stream.tasks[j].train for j in kept[:, 0].unique().tolist()]
-        idx = [kept[kept[:, 0] == j][:, 1] for j in kept[:, 0].unique().tolist()]
-        self._mem_x = torch.cat([p.x[i] for p, i in zip(parts, idx)]) if parts else None
-        self._mem_y = torch.cat([p.y[i] for p, i in zip(parts, idx)]) if parts else None
-        self._mem_order, self._mem_at = torch.empty(0, dtype=torch.long, device=self.device), 0
-
-    @torch.no_grad()
-    def _store(self, task) -> None:
-        """Random class-balanced memory [release: continuum's RehearsalMemory, herding "random"]: every seen
-        class keeps replay_memory // (classes seen) samples, old classes the first of theirs."""
-        old = self.memory[self.memory[:, 0] >= 0]
-        classes = sorted({c for t in self.stream.tasks[:task.id + 1] for c in t.classes})
-        quota, rows = self.hp.replay_memory // len(classes), []
-        for c in classes:
-            if c in task.classes:
-                pool = (task.train.y == c).nonzero().squeeze(1)
-                pick = pool[torch.randperm(len(pool), generator=self.gen)[:quota].to(self.device)]
-                rows.append(torch.stack([torch.full_like(pick, task.id), pick, torch.full_like(pick, c)], 1))
-            else:
-                rows.append(old[old[:, 2] == c][:quota])
-        rows = torch.cat(rows)
-        self.memory.fill_(-1)[:len(rows)] = rows
 
     # -- diagnostics -----------------------------------------------------------------------------------
     def capacity(self) -> dict:

@@ -1,0 +1,37 @@
+"""A memory of real training samples for methods that replay them, kept as indices so it rides in a
+checkpoint as one fixed-size buffer: rows (task, index in that task's training split, label), -1 = empty."""
+from __future__ import annotations
+
+import torch
+
+
+def empty_memory(size: int, device) -> torch.Tensor:
+    return torch.full((size, 3), -1, dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def store_balanced(memory: torch.Tensor, task, seen_classes: list, gen: torch.Generator) -> None:
+    """Random class-balanced memory (continuum's RehearsalMemory, herding "random"): after `task`, every seen
+    class keeps len(memory) // (classes seen) samples: the task's own classes a random draw of theirs, old
+    classes the first of the samples they had."""
+    old = memory[memory[:, 0] >= 0]
+    quota, rows = len(memory) // len(seen_classes), []
+    for c in seen_classes:
+        if c in task.classes:
+            pool = (task.train.y == c).nonzero().squeeze(1)
+            pick = pool[torch.randperm(len(pool), generator=gen)[:quota].to(pool.device)]
+            rows.append(torch.stack([torch.full_like(pick, task.id), pick, torch.full_like(pick, c)], 1))
+        else:
+            rows.append(old[old[:, 2] == c][:quota])
+    rows = torch.cat(rows)
+    memory.fill_(-1)[:len(rows)] = rows
+
+
+def gather(memory: torch.Tensor, tasks: list) -> tuple:
+    """The stored samples as tensors (x, y) on the data's device; (None, None) when the memory is empty."""
+    kept = memory[memory[:, 0] >= 0]
+    if not len(kept):
+        return None, None
+    ids = kept[:, 0].unique().tolist()
+    parts = [(tasks[j].train, kept[kept[:, 0] == j][:, 1]) for j in ids]
+    return torch.cat([s.x[i] for s, i in parts]), torch.cat([s.y[i] for s, i in parts])
