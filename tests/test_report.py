@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from cl_runner.report import collect_from_results, main, reference_band, summarise, to_markdown
+from cl_runner.references import reference_band
+from cl_runner.report import collect_from_results, main, summarise, to_markdown
 
 
 def write_run(root, name, method, seed, acc, status="finished", choice=None, device="cpu", **extra):

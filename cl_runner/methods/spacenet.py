@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..data import replay_split
 from ..errors import CapacityError

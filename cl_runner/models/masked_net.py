@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .masks import CUT, FREE, SPARE, Masked, MaskedLinear
+from .masks import CUT, FREE, SPARE, MaskedLinear
 
 
 @dataclass
