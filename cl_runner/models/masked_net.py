@@ -51,6 +51,7 @@ class MaskedNet:
         self.compact = all(isinstance(m, MaskedLinear) for m in layers)
         self.entries: list = []  # (param, bool mask | None, float mask | None, values to put back | None)
         self.rows: list = [None] * len(layers)  # rows of each layer holding trainable connections
+        self._in_backward: set = set()
 
     def cols(self, l: int, units: torch.Tensor) -> torch.Tensor:
         """A per-unit vector of weight layer l's input units, one entry per input column."""
@@ -71,6 +72,8 @@ class MaskedNet:
         self.rows = [w.bool().any(1).nonzero().squeeze(1) for w in weights]
         if live_out is not None and self.compact:
             self._restrict(weights, live_out, leaf)
+        # weights whose gradient the compact path masks in backward already (restricted, not leaf)
+        self._in_backward = {id(m.weight) for m in self.layers if m.run_out is not None and m.live is None}
         trained = {id(p) for p, *_ in self.entries}
         for p in self.model.parameters():  # no gradient at all for what cannot change
             p.requires_grad_(id(p) in trained)
@@ -126,11 +129,8 @@ class MaskedNet:
             if m.live is not None:
                 m.live.grad.mul_(m.block_mask)
         for p, _, maskf, _ in self.entries:
-            if maskf is not None and p.grad is not None and not self._masked_in_backward(p):
+            if maskf is not None and p.grad is not None and id(p) not in self._in_backward:
                 p.grad.mul_(maskf)
-
-    def _masked_in_backward(self, p) -> bool:
-        return any(p is m.weight and m.run_out is not None for m in self.layers)
 
     @torch.no_grad()
     def restore(self) -> None:
