@@ -89,6 +89,7 @@ def test_run_task_il_columns_constant_and_diagnostics(make_cfg, tmp_path):
         assert 1 <= d["phases"] <= 8 and 0 < d["final_p"] <= 100 and d["phase_1/val_acc"] >= 0
         assert cap["fc1"]["units_reserved"] + cap["fc1"]["units_free"] + cap["fc1"]["units_shared"] == 48
     assert r["metrics"]["final/forgetting_til"] == 0.0
+    assert (next((tmp_path / "outputs").rglob("results.json")).parent / "artifacts" / "nispa_phases.png").stat().st_size
 
 
 def test_logits_outside_the_task_are_zero_in_the_loss(make_cfg):

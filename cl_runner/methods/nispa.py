@@ -25,7 +25,7 @@ from ..data.memory import empty_memory, gather, store_balanced
 from ..models.masked_net import MaskedNet
 from ..models.masks import CANDIDATE, FREE, SPARE, make_masked
 from ..models.units import UnitHooks
-from . import METHODS, Method
+from . import METHODS, Method, nispa_plots
 from .schemas import NISPAConfig, check_nispa
 
 SCHEDULES = {  # p(t), the share of a layer's total activation its stable units must cover after phase t
@@ -54,6 +54,7 @@ class NISPA(Method):
         self.register_buffer("out_mask", torch.zeros(stream.n_outputs, device=device))  # the running task's classes
         self.replay = self.hp.replay_memory > 0
         self.register_buffer("memory", empty_memory(self.hp.replay_memory, device))  # class-IL: stored samples
+        self.history: list = []  # each task's diagnostics, for the phases figure
         self._init_weights()
         self._sparsify()
 
@@ -128,6 +129,7 @@ class NISPA(Method):
         if self.replay:  # [release: continuum's random class-balanced RehearsalMemory]
             store_balanced(self.memory, task, sorted({c for o in self.stream.tasks[:t + 1] for c in o.classes}), self.gen)
         diag.update(phases=float(phase), final_p=p_kept)
+        self.history.append(diag)
         return diag
 
     def steps_per_task(self, task) -> int:
@@ -283,8 +285,12 @@ class NISPA(Method):
         present but plastic (conn_spare) and absent (conn_free)."""
         return self.net.capacity(len(self.stream.tasks), int(self.task))
 
+    def write_artifacts(self, folder) -> None:
+        nispa_plots.phases_figure(self.history, folder)
+
     def extra_state(self) -> dict:
-        return {"gen": self.gen.get_state()}
+        return {"gen": self.gen.get_state(), "history": self.history}
 
     def load_extra_state(self, state: dict) -> None:
         self.gen.set_state(state["gen"])
+        self.history = state["history"]
