@@ -46,13 +46,18 @@ class MethodConfig:
     weight_decay: float = key(ge=0)
     epochs: int = key(ge=1)
     batch_size: int = key(ge=1)
+    # Keys of the standard loop added later; their defaults here keep the YAML of methods that override the
+    # loop (and the hashes of runs made before) valid. The standard-loop methods' YAML files name them.
+    steps: int = key(ge=0, default=0)  # minibatches per task, overriding epochs (0 = use epochs)
+    active_outputs: str = key(choices=("all", "seen", "task"), default="all")  # output units trained on (Method.active)
+    reset_optimizer: bool = key(default=True)  # false: one optimizer for the whole run (its state carries over tasks)
 
 
 @dataclass
 class DatasetConfig:
     name: str = key()
     n_tasks: int = key(ge=1)
-    class_order: Any = key()  # "natural" | "shuffle" (seeded) | explicit list of class ids
+    class_order: Any = key()  # "natural" | "shuffle" (seeded) | "vdv" (van de Ven & Tolias's) | explicit list of class ids
     val_fraction: float = key(ge=0, lt=1)
     normalize: str = key(choices=("standard", "unit"))
     label_mode: str = key(choices=("offset", "shared"))

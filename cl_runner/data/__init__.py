@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import DatasetConfig, EFMnistConfig, PermutedConfig
@@ -73,8 +74,12 @@ def _class_order(cfg, n_classes: int) -> list:
     if order == "shuffle":
         g = torch.Generator().manual_seed(cfg.seed)
         return torch.randperm(n_classes, generator=g).tolist()
+    if order == "vdv":  # van de Ven & Tolias's code (data.py): natural for seed 0, else numpy's permutation p of
+        if cfg.seed == 0:  # the labels (class c becomes label p[c]) drawn right after np.random.seed(seed)
+            return list(range(n_classes))
+        return np.argsort(np.random.RandomState(cfg.seed).permutation(n_classes)).tolist()
     if isinstance(order, str) or sorted(order) != list(range(n_classes)):
-        raise ConfigError(f"dataset.class_order={order!r} must be 'natural', 'shuffle' or a permutation "
+        raise ConfigError(f"dataset.class_order={order!r} must be 'natural', 'shuffle', 'vdv' or a permutation "
                           f"of 0..{n_classes - 1}")
     return list(order)
 

@@ -125,3 +125,25 @@ def check_nispa(cfg) -> None:
     if cfg.model.get("activation", "relu") != "relu":
         raise ConfigError(f"method=nispa ranks units by mean ReLU activation: it needs model.activation=relu, "
                           f"got {cfg.model.activation}")
+
+
+# ------------------------------------------------------------- the quadratic-penalty baselines (penalty.py)
+@dataclass
+class EWCConfig(MethodConfig):
+    lam: float = key(ge=0)  # λ: weight of the EWC penalty λ/2 Σ F (θ − θ*)²
+
+
+@dataclass
+class OnlineEWCConfig(EWCConfig):
+    gamma: float = key(ge=0, le=1)  # γ: decay of the running Fisher
+
+
+@dataclass
+class SIConfig(MethodConfig):
+    c: float = key(ge=0)  # weight of the surrogate loss c Σ Ω (θ − θ*)²
+    xi: float = key(gt=0)  # ξ: damping of Ω += W / (Δθ² + ξ)
+
+
+@dataclass
+class MASConfig(MethodConfig):
+    lam: float = key(ge=0)  # λ: weight of the MAS penalty λ Σ Ω (θ − θ*)²
