@@ -12,6 +12,7 @@ keeps them in results.json, so a method never needs a tracker. State that must s
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import pkgutil
 
@@ -184,7 +185,7 @@ class Method(nn.Module):
     def get_extra_state(self) -> dict:
         state = {"shuffle_gen": self.shuffle_gen.get_state(), "method": self.extra_state()}
         if not self.hp.reset_optimizer and self.optimizer is not None:  # kept across tasks: resume needs it
-            state["optimizer"] = self.optimizer.state_dict()
+            state["optimizer"] = copy.deepcopy(self.optimizer.state_dict())  # a snapshot, not the live moments
         return state
 
     def set_extra_state(self, state: dict) -> None:
