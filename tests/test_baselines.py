@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from cl_runner.config import validate
 from cl_runner.data import Split, Task, build_stream
+from cl_runner.methods.penalty import per_sample_sum
 from cl_runner.models import build_model
 from cl_runner.registry import METHODS
 
@@ -62,9 +63,13 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_its_gradient_is_lambda_f_delta(ma
                                      ("model.head=multi", "method.active_outputs=task"),
                                      ("model.head=single", "method.active_outputs=all")])
 def test_vectorised_fisher_equals_a_per_sample_loop(make_cfg, setting):
+    """Both vectorised paths: torch.func (vmap of grad) and the nn.Linear shortcut the MLP takes."""
     ewc, stream = build(make_cfg, "method=ewc", *setting)
     task = small(stream.tasks[1], 23)
-    got = ewc.fisher_diag(task)
+    got = ewc.fisher_diag(task)  # the MLP's nn.Linear shortcut
+    nll = lambda active: F.cross_entropy(active, active.argmax(1), reduction="none")  # noqa: E731
+    with torch.no_grad():
+        func = per_sample_sum(ewc, task, task.train.x, nll, torch.square, chunk=10, func=True)  # torch.func
     want = [torch.zeros_like(p) for p in ewc.model.parameters()]
     ewc.model.eval()
     for i in range(23):  # the 2019 code: batches of one, the model's own label over the active classes
@@ -73,8 +78,9 @@ def test_vectorised_fisher_equals_a_per_sample_loop(make_cfg, setting):
         F.cross_entropy(active, active.argmax(1)).backward()
         for w, p in zip(want, ewc.model.parameters()):
             w += p.grad ** 2
-    for g, w in zip(got, want):
+    for g, f, w in zip(got, func, want):
         torch.testing.assert_close(g, w / 22, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(f, w, rtol=1e-4, atol=1e-7)
 
 
 def test_mas_importance_equals_a_per_sample_loop(make_cfg):
@@ -82,14 +88,16 @@ def test_mas_importance_equals_a_per_sample_loop(make_cfg):
     task = small(stream.tasks[1], 17)
     with torch.no_grad():
         mas.consolidate(task)
+        func = per_sample_sum(mas, task, task.train.x, lambda out: (out ** 2).sum(1), torch.abs, func=True)
     want = [torch.zeros_like(p) for p in mas.model.parameters()]
     for i in range(17):
         mas.model.zero_grad()
         (mas.active(mas.model(task.train.x[i:i + 1]), task)[0] ** 2).sum().backward()
         for w, p in zip(want, mas.model.parameters()):
             w += p.grad.abs()
-    for omega, w in zip(mas.prec.list(), want):
+    for omega, f, w in zip(mas.prec.list(), func, want):
         torch.testing.assert_close(omega, w / 17, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(f, w, rtol=1e-4, atol=1e-7)
     for centre, p in zip(mas.centre.list(), mas.model.parameters()):
         assert torch.equal(centre, p.detach())
 

@@ -31,8 +31,8 @@ class EWC(QuadraticPenalty):
     def fisher_diag(self, task) -> list:
         """F_i = Σ_n (∂ −log p(ŷ_n | x_n) / ∂θ_i)² / (N − 1), ŷ_n = the model's argmax over the active classes.
         ÷ (N − 1), not N: the 2019 code divides by the last sample's index (estimate_fisher)."""
-        def nll(active):
-            return F.cross_entropy(active, active.argmax(1))  # argmax: a constant label, no gradient through it
+        def nll(active):  # per sample; the argmax label is a constant (no gradient through it)
+            return F.cross_entropy(active, active.argmax(1), reduction="none")
 
         n = len(task.train.y)
         return [f / max(n - 1, 1) for f in per_sample_sum(self, task, task.train.x, nll, torch.square)]

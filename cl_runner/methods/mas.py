@@ -21,7 +21,7 @@ class MAS(QuadraticPenalty):
     @torch.no_grad()
     def consolidate(self, task) -> None:
         n = len(task.train.y)
-        imp = per_sample_sum(self, task, task.train.x, lambda out: (out ** 2).sum(), torch.abs)
+        imp = per_sample_sum(self, task, task.train.x, lambda out: (out ** 2).sum(1), torch.abs)
         for omega, centre, i, p in zip(self.prec.list(), self.centre.list(), imp, self.params):
             omega += i / n
             centre.copy_(p)

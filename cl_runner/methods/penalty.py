@@ -63,25 +63,71 @@ class QuadraticPenalty(Method):
         raise NotImplementedError
 
 
-def per_sample_sum(method: Method, task, x: torch.Tensor, objective, reduce, chunk: int = 256) -> list:
-    """Σ over the samples of x of reduce(g), one entry per trainable parameter, where g is the gradient of
-    `objective(the model's active logits for one sample, [1, k])`: per-sample gradients vectorised with
-    torch.func (vmap of grad of functional_call), `chunk` samples at a time; `reduce` e.g. square or abs."""
+def per_sample_sum(method: Method, task, x: torch.Tensor, objective, reduce, chunk: int = 1024,
+                   func: bool = False) -> list:
+    """Σ_n reduce(g_n), one entry per trainable parameter, g_n the gradient of `objective(active logits)[n]` for
+    sample n alone (objective: [N, k] -> [N] per-sample values; reduce: torch.square or torch.abs), `chunk`
+    samples at a time. Per-sample gradients are vectorised with torch.func (vmap of grad of functional_call);
+    a model whose trainable parameters all sit in nn.Linear layers takes the exact shortcut of `_linear_sum`
+    (unless `func`): on the 784-400-400-10 MLP the torch.func path costs ~4 s per 1000 samples on one CPU
+    core (it writes every sample's 478k gradients), the shortcut a fraction of a training step."""
+    linear = None if func else _linear_layers(method.model)
+    chunk = chunk if linear else min(chunk, 64)  # torch.func: [chunk, *shape] per parameter in memory
+    total = None
+    for s in range(0, len(x), chunk):
+        part = _linear_sum(method, task, x[s:s + chunk], objective, reduce, linear) if linear else \
+            _func_sum(method, task, x[s:s + chunk], objective, reduce)
+        total = part if total is None else [t + p for t, p in zip(total, part)]
+    return total
+
+
+def _func_sum(method, task, x, objective, reduce) -> list:
     from torch.func import functional_call, grad, vmap
 
     model = method.model
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     buffers = dict(model.named_buffers())
 
     def one(params, xi):
         logits = functional_call(model, (params, buffers), (xi.unsqueeze(0),))
-        return objective(method.active(logits, task)[0])
+        return objective(method.active(logits, task)[0]).sum()
 
-    g_fn = vmap(grad(one), in_dims=(None, 0))
-    total = [torch.zeros_like(params[n]) for n in names]
-    for s in range(0, len(x), chunk):
-        g = g_fn(params, x[s:s + chunk])
-        for t, n in zip(total, names):
-            t += reduce(g[n]).sum(0)
-    return total
+    g = vmap(grad(one), in_dims=(None, 0))(params, x)  # {name: [N, *shape]}
+    return [reduce(g[n]).sum(0) for n in params]
+
+
+def _linear_layers(model: nn.Module) -> list | None:
+    """The model's nn.Linear layers in parameter order when they hold every trainable parameter, else None."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    owned = {id(p) for m in layers for p in m.parameters()}
+    if not layers or any(id(p) not in owned for p in model.parameters() if p.requires_grad):
+        return None
+    return layers
+
+
+def _linear_sum(method, task, x, objective, reduce, layers) -> list:
+    """The same sums without materialising per-sample gradients: for a linear layer z = W a + b, sample n's
+    gradient is δ_n a_nᵀ (δ_n = ∂objective_n/∂z_n), and for reduce = square or abs f(δ a) = f(δ) f(a), so
+    Σ_n f(g_n) = f(δ)ᵀ f(a) (a matmul) and Σ_n f(δ_n) for the bias. δ_n comes from one backward of Σ_n objective_n
+    (samples do not interact in an eval-mode forward pass)."""
+    inputs, outputs = {}, {}
+
+    def hook(mod, args, out):  # each layer runs once per forward pass
+        inputs[mod] = args[0].detach().flatten(0, -2)  # a: [N, in]
+        outputs[mod] = out  # z: [N, out]
+
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        with torch.enable_grad():
+            out = objective(method.active(method.model(x), task)[0]).sum()
+            deltas = torch.autograd.grad(out, [outputs[m] for m in layers])
+    finally:
+        for h in handles:
+            h.remove()
+    sums = {}
+    for m, d in zip(layers, deltas):
+        d, a = reduce(d.flatten(0, -2)), reduce(inputs[m])
+        sums[id(m.weight)] = d.T @ a
+        if m.bias is not None:
+            sums[id(m.bias)] = d.sum(0)
+    return [sums[id(p)] for p in method.model.parameters() if p.requires_grad]
