@@ -190,3 +190,21 @@ def test_vdv_class_order(make_cfg):
     p = np.random.RandomState(3).permutation(10)  # the 2019 code: digit c gets label p[c]
     order = _class_order(validate(make_cfg("dataset.class_order=vdv", "seed=3")), 10)
     assert [int(p[c]) for c in order] == list(range(10))
+
+
+@pytest.mark.parametrize("exp, scenario", [("vdv_split_mnist", "class"), ("vdv_split_mnist_til", "task"),
+                                           ("vdv_split_fmnist", "class")])
+def test_vdv_experiments_give_each_method_its_scenario_values(make_cfg, exp, scenario):
+    want = {"class": {"ewc": {"lam": 1e8}, "online_ewc": {"lam": 1e9, "gamma": 0.8}, "si": {"c": 0.5, "xi": 0.1}},
+            "task": {"ewc": {"lam": 1e7}, "online_ewc": {"lam": 1e8, "gamma": 0.8}, "si": {"c": 50.0, "xi": 0.1}}}
+    for m in ("finetune", "joint", "ewc", "online_ewc", "si", "mas"):
+        cfg = validate(make_cfg(f"method={m}", f"+experiment={exp}"))
+        assert (cfg.method.optimizer, cfg.method.lr, cfg.method.batch_size) == ("adam", 0.001, 128)
+        assert cfg.method.steps == (10000 if m == "joint" else 2000) and cfg.method.reset_optimizer is False
+        assert cfg.method.active_outputs == ("seen" if scenario == "class" else "task")
+        assert cfg.model.head == ("single" if scenario == "class" else "multi") and list(cfg.model.hidden) == [400, 400]
+        assert cfg.dataset.normalize == "unit" and cfg.dataset.class_order == "vdv"
+        assert {k: cfg.method[k] for k in want[scenario].get(m, {})} == want[scenario].get(m, {})
+    assert validate(make_cfg("method=ewc", f"+experiment={exp}", "method.lam=5")).method.lam == 5  # the command line wins
+    plain = make_cfg("method=ewc")
+    assert plain.method.lam == 1e8 and plain.dataset.normalize == "standard" and "protocol" not in plain
