@@ -35,3 +35,21 @@ def gather(memory: torch.Tensor, tasks: list) -> tuple:
     ids = kept[:, 0].unique().tolist()
     parts = [(tasks[j].train, kept[kept[:, 0] == j][:, 1]) for j in ids]
     return torch.cat([s.x[i] for s, i in parts]), torch.cat([s.y[i] for s, i in parts])
+
+
+class Replayer:
+    """Minibatches of the stored samples (x, y) in reshuffled passes, indexed on the device: no host sync."""
+
+    def __init__(self, x: torch.Tensor | None, y: torch.Tensor | None, batch_size: int, gen: torch.Generator):
+        self.x, self.y, self.bs, self.gen = x, y, batch_size, gen
+        self.order, self.at = None, 0
+
+    def __bool__(self) -> bool:
+        return self.x is not None
+
+    def next(self) -> tuple:
+        if self.order is None or self.at >= len(self.order):
+            self.order, self.at = torch.randperm(len(self.y), device=self.y.device, generator=self.gen), 0
+        idx = self.order[self.at:self.at + self.bs]
+        self.at += self.bs
+        return self.x[idx], self.y[idx]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.memory import empty_memory, gather, store_balanced
+from ..data.memory import Replayer, empty_memory, gather, store_balanced
 from ..models.masked_net import MaskedNet
 from ..models.masks import CANDIDATE, FREE, SPARE, make_masked
 from ..models.units import UnitHooks
@@ -107,8 +107,7 @@ class NISPA(Method):
         self.layers[-1].unit_owner[task.classes] = t  # its outputs count as stable from now on
         self.out_mask.zero_()[task.classes] = 1.0
         if self.replay:  # the stored samples on the device, replayed in reshuffled minibatches
-            self._mem_x, self._mem_y = gather(self.memory, self.stream.tasks)
-            self._mem_order, self._mem_at = torch.empty(0, dtype=torch.long, device=self.device), 0
+            self.replayer = Replayer(*gather(self.memory, self.stream.tasks), self.hp.batch_size, self.shuffle_gen)
         diag, acc_best, kept, p_kept, p_last, phase = {}, 0.0, None, 100.0, 100.0, 0
         while True:
             phase += 1
@@ -168,13 +167,9 @@ class NISPA(Method):
         if not self.replay:
             return F.cross_entropy(logits * self.out_mask, y)  # other classes' logits are 0, not -inf [release]
         loss = F.cross_entropy(logits, y)
-        if self._mem_x is not None:  # + λ · the loss of the next minibatch of stored samples (cycled, reshuffled)
-            if self._mem_at >= len(self._mem_order):
-                self._mem_order, self._mem_at = torch.randperm(len(self._mem_y), device=self.device,
-                                                               generator=self.shuffle_gen), 0
-            idx = self._mem_order[self._mem_at:self._mem_at + self.hp.batch_size]
-            self._mem_at += self.hp.batch_size
-            loss = loss + self.hp.replay_lambda * F.cross_entropy(self.model(self._mem_x[idx]), self._mem_y[idx])
+        if self.replayer:  # + λ · the loss of the next minibatch of stored samples
+            xm, ym = self.replayer.next()
+            loss = loss + self.hp.replay_lambda * F.cross_entropy(self.model(xm), ym)
         return loss
 
     @torch.no_grad()

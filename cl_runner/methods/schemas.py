@@ -147,3 +147,11 @@ class SIConfig(MethodConfig):
 @dataclass
 class MASConfig(MethodConfig):
     lam: float = key(ge=0)  # λ: weight of the MAS penalty λ Σ Ω (θ − θ*)²
+
+
+@dataclass
+class ERConfig(MethodConfig):
+    memory: int = key(ge=1)  # stored samples in total, class-balanced (the authors' code: 1000)
+    weighting: str = key(choices=("vdv", "sum"))  # vdv: (1/t) current + (1 - 1/t) replayed | sum: + replay_lambda x
+    replay_lambda: float = key(ge=0)  # weight of the replayed minibatch's loss with weighting=sum
+
