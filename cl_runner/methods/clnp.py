@@ -64,10 +64,8 @@ class CLNP(Method):
         return self.net.cols(l, self.layers[l - 1].unit_owner)
 
     def interference(self, l: int) -> torch.Tensor:
-        """W_int of weight layer l (Sec. 2.1), cut at commit: from a free or later neuron into an active one
-        (old heads too). Single head: none, other tasks' last-hidden neurons are masked at the output."""
-        m = self.layers[l]
-        return m.as_weight(m.owner == CUT)
+        """W_int of weight layer l (Sec. 2.1), cut at commit (single head: none in the output layer)."""
+        return self.layers[l].as_weight(self.layers[l].owner == CUT)
 
     # -- steps 1 and 5: training only what may change --------------------------------------------------
     def _phase(self, task, s: int, core: bool = True) -> None:

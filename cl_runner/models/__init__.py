@@ -26,6 +26,16 @@ def _check_head(cfg) -> None:
         raise ConfigError("model.head=multi needs dataset.label_mode=offset (one block of labels per head)")
 
 
+def _check_convs(n: int):
+    """check_config of a CNN with n conv widths in model.channels."""
+    def check(cfg) -> None:
+        _check_head(cfg)
+        if len(cfg.model.channels) != n:
+            raise ConfigError(f"model.channels must list {n} conv widths for {cfg.model.name}, "
+                              f"got {list(cfg.model.channels)}")
+    return staticmethod(check)
+
+
 @MODELS.register("mlp", MLPConfig)
 class MLP(nn.Module):
     check_config = staticmethod(_check_head)
@@ -52,11 +62,7 @@ class CNN(nn.Module):
     """conv(c0, same) → conv(c1, valid) → maxpool → dropout → conv(c2, same) → conv(c3, valid) → maxpool
     → dropout → dense(hidden...) → dropout → out; ReLU after every conv and dense layer."""
 
-    @staticmethod
-    def check_config(cfg) -> None:
-        _check_head(cfg)
-        if len(cfg.model.channels) != 4:
-            raise ConfigError(f"model.channels must list 4 conv widths, got {list(cfg.model.channels)}")
+    check_config = _check_convs(4)
 
     def __init__(self, mcfg, input_shape: tuple, n_outputs: int):
         super().__init__()
@@ -96,11 +102,7 @@ class NispaCNN(nn.Module):
     dense layer, no dropout, no BatchNorm. On 32x32 inputs the first dense layer sees c3·8·8 features.
     PyTorch's default init: the method draws its own (NISPA: Kaiming-normal)."""
 
-    @staticmethod
-    def check_config(cfg) -> None:
-        _check_head(cfg)
-        if len(cfg.model.channels) != 4:
-            raise ConfigError(f"model.channels must list 4 conv widths for nispa_cnn, got {list(cfg.model.channels)}")
+    check_config = _check_convs(4)
 
     def __init__(self, mcfg, input_shape: tuple, n_outputs: int):
         super().__init__()
@@ -137,11 +139,7 @@ class CNNWide(nn.Module):
 
     STRIDE_PAD = ((1, 1), (2, 0), (1, 0), (2, 1), (1, 0))
 
-    @staticmethod
-    def check_config(cfg) -> None:
-        _check_head(cfg)
-        if len(cfg.model.channels) != 5:
-            raise ConfigError(f"model.channels must list 5 conv widths for cnn_wide, got {list(cfg.model.channels)}")
+    check_config = _check_convs(5)
 
     def __init__(self, mcfg, input_shape: tuple, n_outputs: int):
         super().__init__()
