@@ -34,7 +34,8 @@ def one_line(p: subprocess.CompletedProcess, code: int, prefix: str = "cl-run: e
     ({}, ["paths.outputs=/proc/nope", "hydra.run.dir={tmp}/run"], "paths.outputs /proc/nope cannot be written"),
     ({}, ["-m", "seed=0,1", "hydra.sweep.dir=/proc/nope"], "the sweep folder (hydra.sweep.dir) /proc/nope"),
     ({}, ["method.nonexistent=1"], "method.nonexistent is not a known key of method finetune (known keys: "
-                                   "name, optimizer, lr, momentum, weight_decay, epochs, batch_size)"),
+                                   "name, optimizer, lr, momentum, weight_decay, epochs, batch_size, steps, "
+                                   "active_outputs, reset_optimizer)"),
 ])
 def test_cl_run_stops_in_one_line_before_training(tmp_path, env, args, needle):
     args = [a.format(tmp=tmp_path) for a in args]
