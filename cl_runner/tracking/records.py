@@ -1,0 +1,107 @@
+"""Finished runs as records for tables: from results.json files (the one finder) or from an MLflow
+experiment / sweep parent. `cl-report` summarises them; `RunRecord` is what both sources give."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from ..errors import TrackingError, UserError
+from . import mlflow_store, names
+from .results import ResultsError, flat_config, read_results, run_files
+
+
+@dataclass
+class RunRecord:
+    method: str  # config names (Hydra choices), e.g. "static_sparse" although method.name is "spacenet"
+    dataset: str
+    seed: int | None
+    params: dict[str, str]  # flattened resolved config, dotted keys
+    metrics: dict[str, float]
+    status: str = "finished"
+    source: str = ""  # results.json path or MLflow run id
+    time: float = 0.0  # when the run last changed (Unix seconds): the newest of a config and seed counts
+
+
+
+def record_of(path: Path) -> RunRecord:
+    """A results.json as a RunRecord; ResultsError (one line) when it is not a run's record."""
+    data = read_results(path)
+    try:
+        cfg, choices = data["config"], data.get("choices") or {}
+        metrics = {k: float(v) for k, v in (data.get("metrics") or {}).items() if isinstance(v, (int, float))}
+        if names.TOTAL_TIME not in metrics and (data.get("timings") or {}).get("total_s") is not None:
+            metrics[names.TOTAL_TIME] = float(data["timings"]["total_s"])
+        updated = data.get("updated")
+        when = datetime.fromisoformat(updated).timestamp() if updated else path.stat().st_mtime
+        return RunRecord(method=choices.get("method") or cfg["method"]["name"],
+                         dataset=choices.get("dataset") or cfg["dataset"]["name"], seed=cfg.get("seed"),
+                         params=flat_config(cfg), metrics=metrics, status=str(data.get("status")),
+                         source=str(path), time=when)
+    except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+        raise ResultsError(f"{path} is not a cl_runner results file ({type(e).__name__}: {e})") from None
+
+
+def collect_from_results(paths: list[str], all_runs: bool = False,
+                         problems: list[str] | None = None) -> list[RunRecord]:
+    """The runs in these results.json files / folders. A file that cannot be read is left out and its one-line
+    reason appended to `problems` (when given; else it is raised)."""
+    records = []
+    for f in run_files(paths):
+        try:
+            records.append(record_of(f))
+        except ResultsError as e:
+            if problems is None:
+                raise
+            problems.append(str(e))
+    return [r for r in records if all_runs or r.status == "finished"]
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the database cl-run writes by default."""
+    return mlflow_store.tracking_uri(uri, os.environ.get("CL_RUNNER_OUTPUTS", "outputs"))  # = paths.outputs
+
+
+def collect_from_mlflow(experiment: str = "cl_runner", parent: str | None = None, filter_string: str = "",
+                        tracking_uri: str | None = None, all_runs: bool = False) -> list[RunRecord]:
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow_store.check_usable(uri, 2, must_exist=True)
+    filters = []
+    try:
+        client = mlflow_store.client(uri)
+        if parent:  # the sweep's children live in the parent's experiment, whatever --experiment says
+            exp_id = client.get_run(parent).info.experiment_id
+            filters.append(f"tags.mlflow.parentRunId = '{parent}'")
+        else:
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                known = ", ".join(e.name for e in client.search_experiments()) or "none"
+                raise TrackingError(f"no MLflow experiment {experiment!r} at {uri} (known: {known})")
+            exp_id = exp.experiment_id
+        if not all_runs:
+            filters.append("attributes.status = 'FINISHED'")
+        if filter_string:
+            filters.append(filter_string)
+        page = client.search_runs([exp_id], " and ".join(filters))
+        runs = list(page)
+        while page.token:  # more than one page (1000 runs each)
+            page = client.search_runs([exp_id], " and ".join(filters), page_token=page.token)
+            runs += page
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the backend raises (MLflow, SQLAlchemy, requests)
+        raise TrackingError(f"MLflow at {uri}: {mlflow_store.short(e)}") from None
+    records = []
+    for run in runs:
+        tags, params = run.data.tags, run.data.params
+        if tags.get("cl_runner.sweep_parent") == "true":  # holds the sweep, no results of its own
+            continue
+        seed = tags.get("seed", params.get("seed"))
+        records.append(RunRecord(
+            method=tags.get("method") or params.get("method.name", "?"),
+            dataset=tags.get("dataset") or params.get("dataset.name", "?"),
+            seed=int(seed) if seed is not None and seed.lstrip("-").isdigit() else None,
+            params=dict(params), metrics=dict(run.data.metrics), status=run.info.status.lower(),
+            source=run.info.run_id, time=(run.info.end_time or run.info.start_time or 0) / 1000))
+    return records
