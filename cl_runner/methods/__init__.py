@@ -42,6 +42,7 @@ class Method(nn.Module):
         self.on_nonfinite = lambda task, epoch: None
         self.optimizer: torch.optim.Optimizer | None = None
         self._optimizer_state = None  # a kept optimizer's state from a checkpoint, loaded by setup_optimizer
+        self._widths: dict = {}  # task id -> output units of the classes seen by then (active_outputs=seen)
 
     # -- hooks (no-ops by default) ---------------------------------------------------------------
     def begin_task(self, task) -> None: ...
@@ -67,9 +68,14 @@ class Method(nn.Module):
             return logits[:, lo:lo + len(task.classes)], lo
         if self.hp.active_outputs == "seen" and not self.trains_jointly:
             # labels are contiguous from 0 in task order (offset) or shared by every task: a prefix
-            hi = 1 + max(c for t in self.stream.tasks[:task.id + 1] for c in t.classes)
-            return logits[:, :hi], 0
+            return logits[:, :self._seen_width(task.id)], 0
         return logits, 0
+
+    def _seen_width(self, task_id: int) -> int:
+        """Output units of the classes of tasks 0..task_id (worked out once per task, not per step)."""
+        if task_id not in self._widths:
+            self._widths[task_id] = 1 + max(c for t in self.stream.tasks[:task_id + 1] for c in t.classes)
+        return self._widths[task_id]
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, task) -> torch.Tensor:
         active, lo = self.active(logits, task)
