@@ -219,11 +219,30 @@ class SweepCallback(Callback):
             sys.exit(2)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / "mlflow_parent.json").write_text(json.dumps({"run_id": run.info.run_id, "uri": uri}))
-        self.client, self.run_id, self.exp_id = client, run.info.run_id, exp_id
+        self.client, self.run_id, self.exp_id, self.uri = client, run.info.run_id, exp_id, uri
         log.info("sweep parent MLflow run %s (experiment %s)", self.run_id, config.mlflow.experiment)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        self._log_report()
         self._close("FINISHED")
+
+    def _log_report(self) -> None:
+        """The sweep's table (beside the published numbers) and its accuracy figure, from the finished children
+        (what `cl-report --parent <id> --ref --plot` gives), as the parent's artifacts in sweep_report/."""
+        if not getattr(self, "run_id", None):
+            return
+        import tempfile
+
+        try:
+            from .report import sweep_report
+
+            with tempfile.TemporaryDirectory() as folder:
+                sweep_report(self.uri, self.run_id, Path(folder))
+                if any(Path(folder).iterdir()):
+                    self.client.log_artifacts(self.run_id, folder, "sweep_report")
+        except Exception as e:  # noqa: BLE001 - a missing figure must not fail a sweep whose jobs are done
+            log.warning("could not add the table and figure to the sweep parent run %s: %s", self.run_id,
+                        " ".join(str(e).split())[:300] or type(e).__name__)
 
     def _close(self, status: str) -> None:
         if getattr(self, "run_id", None):

@@ -83,3 +83,62 @@ def capacity_plot(capacity: list, path: Path) -> None:
                         wspace=0.3, hspace=0.45)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def mean_std_curve(curves: list[list[float]]) -> tuple[list[float], list[float]]:
+    """Per number of tasks trained t (index t - 1): mean and std (ddof=1, as the report's table; NaN from one
+    value) over the curves that have a value there. A curve shorter than the longest (an unfinished run) or
+    with a NaN counts where it has values."""
+    mean, std = [], []
+    for t in range(max((len(c) for c in curves), default=0)):
+        vals = [c[t] for c in curves if t < len(c) and c[t] is not None and not math.isnan(c[t])]
+        m = sum(vals) / len(vals) if vals else math.nan
+        mean.append(m)
+        std.append(math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else math.nan)
+    return mean, std
+
+
+def seen_accuracy_figure(lines: list[tuple[str, str, list[list[float]]]], path: Path) -> None:
+    """The figure papers show for a table: average accuracy over the tasks seen so far (%) after each task.
+    `lines`: (panel title, label, one curve per seed), a subplot per title (a dataset × scenario, in sorted
+    order), a line per label with a mean ± std band over its seeds. A label keeps its colour and style across
+    panels; the legend, in the order of `lines`, sits beside the panels so that it covers no line."""
+    plt = _plt()
+    panels: dict[str, list] = {title: [] for title in sorted({title for title, _, _ in lines})}
+    for title, label, curves in lines:
+        panels[title].append((label, curves))
+    labels = list(dict.fromkeys(label for _, label, _ in lines))
+    colours = plt.get_cmap("tab10").colors
+    style = {label: (colours[i % 10], ("-", "--", ":", "-.")[i // 10 % 4]) for i, label in enumerate(labels)}
+    ncols = min(len(panels), 3)
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False)
+    handles = {}
+    for ax, (title, lines) in zip(axes.flat, panels.items()):
+        n_tasks = max(len(c) for _, curves in lines for c in curves)
+        for label, curves in lines:
+            mean, std = mean_std_curve(curves)
+            steps = list(range(1, len(mean) + 1))
+            colour, dash = style[label]
+            marker = "o"
+            if len(mean) == 1 < n_tasks:  # trained once on every task (joint): its level, drawn across
+                steps, mean, std, marker, dash = [1, n_tasks], mean * 2, std * 2, "", (0, (1, 1))
+                label_shown = f"{label} (all tasks at once)"
+            else:
+                label_shown = label
+            handles[label], = ax.plot(steps, mean, color=colour, linestyle=dash, marker=marker, markersize=3.5,
+                                      linewidth=1.4, label=label_shown, clip_on=False)  # 100 % stays whole
+            lo = [m - s if not math.isnan(s) else m for m, s in zip(mean, std)]
+            hi = [m + s if not math.isnan(s) else m for m, s in zip(mean, std)]
+            ax.fill_between(steps, lo, hi, color=colour, alpha=0.15, linewidth=0)
+        ax.set(title=title, xlabel="tasks trained", ylabel="average accuracy on tasks seen (%)",
+               xticks=list(range(1, n_tasks + 1)), xlim=(0.8, n_tasks + 0.2), ylim=(0, 100))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    legend = [handles[label] for label in labels]
+    fig.legend(legend, [h.get_label() for h in legend], loc="center left", bbox_to_anchor=(1.0, 0.5),
+               fontsize=8, title="mean ± std over seeds", title_fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend sits outside the axes: keep it in the file
+    plt.close(fig)

@@ -56,12 +56,12 @@ def test_grouping_and_values(runs):
         ("spacenet", {"method.sel": "80"}, 2)]
     md = to_markdown(rows)
     head, ft, sn40, sn80 = table_rows(md)
-    assert head == ["method", "dataset", "method.sel", "n", "acc (class-IL)", "acc (task-IL)", "BWT",
+    assert head == ["method", "dataset", "scenario", "method.sel", "n", "acc (class-IL)", "acc (task-IL)", "BWT",
                     "forgetting", "time (s)"]
-    assert ft == ["finetune", "split_mnist", "–", "2", "20.00 ± 1.41", "30.00 ± 1.41", "-2.00 ± 0.14",
+    assert ft == ["finetune", "split_mnist", "class-IL", "–", "2", "20.00 ± 1.41", "30.00 ± 1.41", "-2.00 ± 0.14",
                   "4.00 ± 0.28", "10.50 ± 0.71"]
-    assert sn40[:5] == ["spacenet", "split_mnist", "40", "1", "60.00"]  # one run: no std
-    assert sn80[4] == "75.50 ± 0.71"
+    assert sn40[:6] == ["spacenet", "split_mnist", "class-IL", "40", "1", "60.00"]  # one run: no std
+    assert sn80[5] == "75.50 ± 0.71"
 
 
 def test_mlflow_artifact_copies_are_not_counted_as_runs(tmp_path):
@@ -171,11 +171,11 @@ def test_mlflow(tmp_path, capsys):
     assert out.startswith("Runs: 3, rows: 2")
     head, ft, joint = table_rows(out)
     assert "method.lr" not in head  # constant within each method × dataset
-    assert ft[:5] == ["finetune", "split_mnist", "2", "20.00 ± 1.41", "–"] and joint[3] == "98.00"
+    assert ft[:6] == ["finetune", "split_mnist", "class-IL", "2", "20.00 ± 1.41", "–"] and joint[4] == "98.00"
 
     assert main(["--tracking-uri", uri, "--parent", parent.info.run_id, "--ref"]) == 0
     head, ft = table_rows(capsys.readouterr().out)
-    assert ft[2] == "2" and ft[-2:] == ["19.90", "✓"]
+    assert ft[3] == "2" and ft[-2:] == ["19.90", "✓"]
 
     assert main(["--tracking-uri", uri, "--experiment", "nope"]) == 2
     err = capsys.readouterr().err

@@ -90,3 +90,30 @@ def test_report_on_sweep(basic_sweep):
     assert row[head.index("method")] == "finetune" and row[head.index("dataset")] == "split_digits"
     assert row[head.index("n")] == "2", p.stdout  # the two seeds are averaged, not separate rows
     assert "±" in row[head.index("acc (class-IL)")]
+
+
+def test_sweep_parent_holds_the_table_and_the_figure(basic_sweep, tmp_path):
+    """When the sweep ends its parent run gets what `cl-report --parent <id> --ref --plot` gives, as artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{basic_sweep / 'outputs'}/mlflow.db")
+    runs = c.search_runs([c.get_experiment_by_name("cl_runner").experiment_id])
+    (parent,) = [r.info.run_id for r in runs if r.data.tags.get("cl_runner.sweep_parent") == "true"]
+    assert {f.path for f in c.list_artifacts(parent, "sweep_report")} == {
+        "sweep_report/accuracy.png", "sweep_report/table.md", "sweep_report/table.csv"}
+    folder = Path(c.download_artifacts(parent, "sweep_report", str(tmp_path)))
+    assert (folder / "accuracy.png").read_bytes()[:4] == b"\x89PNG" and (folder / "accuracy.png").stat().st_size > 1000
+    table = (folder / "table.md").read_text()
+    assert table.startswith("Runs: 2, rows: 1") and "| finetune | split_digits | class-IL | 2 |" in table, table
+
+
+def test_a_failing_sweep_report_is_one_warning(tmp_path, caplog):
+    """The parent's table and figure are extras: a store that cannot give them costs one warning line."""
+    from cl_runner.cli import SweepCallback
+
+    cb = SweepCallback()
+    cb.client, cb.run_id, cb.exp_id, cb.uri = None, "abc", "0", f"sqlite:///{tmp_path}/missing.db"
+    with caplog.at_level("WARNING", logger="cl_runner"):
+        cb._log_report()
+    (record,) = caplog.records
+    assert "abc" in record.getMessage() and "\n" not in record.getMessage()

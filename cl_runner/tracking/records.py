@@ -1,7 +1,14 @@
 """Finished runs as records for tables: from results.json files (the one finder) or from an MLflow
-experiment / sweep parent. `cl-report` summarises them; `RunRecord` is what both sources give."""
+experiment / sweep parent. `cl-report` summarises them; `RunRecord` is what both sources give.
+
+A record's `curve` is the average accuracy over the tasks seen so far after each task, in the run's scenario
+(what `cl-report --plot` draws). From results.json it is computed from the scenario's matrix (`acc` or
+`acc_til`, the mean of each row's seen entries); from MLflow it is the metric history `acc/avg` or
+`acc_til/avg` (logged at step = tasks trained, the same mean; `cl-report --sync` rebuilds it), read only
+when asked (one call per run), so no artifact has to be downloaded."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,7 +29,30 @@ class RunRecord:
     status: str = "finished"
     source: str = ""  # results.json path or MLflow run id
     time: float = 0.0  # when the run last changed (Unix seconds): the newest of a config and seed counts
+    curve: list[float] | None = None  # [t - 1]: mean accuracy over tasks 1..t after task t, in `scenario`
 
+    @property
+    def scenario(self) -> str:
+        return scenario_of(self.params)
+
+
+CLASS_IL, TASK_IL = "class-IL", "task-IL"
+
+
+def scenario_of(params: dict[str, str]) -> str:
+    """task-IL when the model has a head per task (model.head=multi, e.g. +experiment=vdv_split_mnist_til: the
+    task's units alone in training and test), else class-IL (one head over all classes)."""
+    return TASK_IL if params.get("model.head") == "multi" else CLASS_IL
+
+
+def seen_average(matrix: list) -> list[float]:
+    """Per row of an accuracy matrix R[i][j] (null / NaN = task j not seen after task i): the mean of the seen
+    entries, NaN for a row with none."""
+    out = []
+    for row in matrix or []:
+        seen = [v for v in row or [] if isinstance(v, (int, float)) and not math.isnan(v)]
+        out.append(sum(seen) / len(seen) if seen else math.nan)
+    return out
 
 
 def record_of(path: Path) -> RunRecord:
@@ -35,10 +65,12 @@ def record_of(path: Path) -> RunRecord:
             metrics[names.TOTAL_TIME] = float(data["timings"]["total_s"])
         updated = data.get("updated")
         when = datetime.fromisoformat(updated).timestamp() if updated else path.stat().st_mtime
+        params = flat_config(cfg)
+        matrix = data.get("acc_til" if scenario_of(params) == TASK_IL else "acc")
         return RunRecord(method=choices.get("method") or cfg["method"]["name"],
                          dataset=choices.get("dataset") or cfg["dataset"]["name"], seed=cfg.get("seed"),
-                         params=flat_config(cfg), metrics=metrics, status=str(data.get("status")),
-                         source=str(path), time=when)
+                         params=params, metrics=metrics, status=str(data.get("status")),
+                         source=str(path), time=when, curve=seen_average(matrix) or None)
     except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
         raise ResultsError(f"{path} is not a cl_runner results file ({type(e).__name__}: {e})") from None
 
@@ -64,7 +96,9 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
 
 def collect_from_mlflow(experiment: str = "cl_runner", parent: str | None = None, filter_string: str = "",
-                        tracking_uri: str | None = None, all_runs: bool = False) -> list[RunRecord]:
+                        tracking_uri: str | None = None, all_runs: bool = False,
+                        curves: bool = False) -> list[RunRecord]:
+    """The runs of an experiment, or the children of a sweep parent; `curves`: with each run's `curve`."""
     uri = resolve_tracking_uri(tracking_uri)
     mlflow_store.check_usable(uri, 2, must_exist=True)
     filters = []
@@ -104,4 +138,18 @@ def collect_from_mlflow(experiment: str = "cl_runner", parent: str | None = None
             seed=int(seed) if seed is not None and seed.lstrip("-").isdigit() else None,
             params=dict(params), metrics=dict(run.data.metrics), status=run.info.status.lower(),
             source=run.info.run_id, time=(run.info.end_time or run.info.start_time or 0) / 1000))
+        if curves:
+            records[-1].curve = _history_curve(client, records[-1], uri)
     return records
+
+
+def _history_curve(client, record: RunRecord, uri: str) -> list[float] | None:
+    """The run's acc/avg (class-IL) or acc_til/avg (task-IL) history as a curve: index step - 1, the newest
+    value of a step (a resumed run may log a step again), NaN for a step never logged."""
+    key = names.ACC_TIL_AVG if record.scenario == TASK_IL else names.ACC_AVG
+    try:
+        history = client.get_metric_history(record.source, key)
+    except Exception as e:  # noqa: BLE001 - whatever the backend raises
+        raise TrackingError(f"MLflow at {uri}: {key} of run {record.source}: {mlflow_store.short(e)}") from None
+    by_step = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp) if m.step >= 1}
+    return [by_step.get(t, math.nan) for t in range(1, max(by_step) + 1)] if by_step else None
