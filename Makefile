@@ -64,3 +64,29 @@ reproduce-spacenet: install  ## SpaceNet / Static-SparseNN / SpaceNet-Rehearsal,
 	    tracking=local hardware=cpu progress=off hydra.sweep.dir=outputs/reproduce-spacenet/$$e $(ARGS) || exit 1; \
 	done
 	$(BIN)/cl-report outputs/reproduce-spacenet --ref
+
+# The baselines' tables: van de Ven & Tolias 2019 (Table 4; SpaceNet's Tables 2-3 quote it) in both split-MNIST
+# scenarios and class-IL split Fashion-MNIST, then SpaceNet's and Static-SparseNN's own rows, SEEDS each: one
+# multirun per experiment into $(BASELINES_DIR)/<experiment>/ (a job per core; a relaunch skips the finished
+# jobs, found by config hash under paths.outputs), then one table beside the papers' numbers, its CSV and the
+# accuracy-after-each-task figure. Lists are comma-separated: make reproduce-baselines BASELINES=ewc,si SEEDS=0,1
+comma := ,
+empty :=
+space := $(empty) $(empty)
+BASELINES ?= finetune,ewc,online_ewc,si,mas,lwf,er,icarl,dgr,dgr_distill,joint
+# task-IL: the same without iCaRL (a class-IL method)
+BASELINES_TIL ?= $(subst $(space),$(comma),$(filter-out icarl,$(subst $(comma),$(space),$(BASELINES))))
+SEEDS ?= 0,1,2,3,4
+SPARSE_PROTOCOLS ?= spacenet_split_mnist static_sparse_split_mnist spacenet_split_fmnist static_sparse_split_fmnist
+# under paths.outputs ($$CL_RUNNER_OUTPUTS, else outputs), where skip_finished looks
+BASELINES_DIR ?= $${CL_RUNNER_OUTPUTS:-outputs}/reproduce-baselines
+.PHONY: reproduce-baselines
+reproduce-baselines: install  ## the papers' baselines (3 protocols) + SpaceNet / Static-SparseNN, 5 seeds each, vs the papers
+	@set -e; export CL_RUNNER_DATA=$${CL_RUNNER_DATA:-$(SHARED_DATA)}; out=$(BASELINES_DIR); \
+	run() { echo "== $$1 $$2"; $(BIN)/cl-run -m +experiment=$$1 $$2 seed=$(SEEDS) launcher=local_parallel tracking=local \
+	          hardware=cpu progress=off hydra.sweep.dir=$$out/$$1 $(ARGS); }; \
+	test -z "$(BASELINES)" || run vdv_split_mnist method=$(BASELINES); \
+	test -z "$(BASELINES_TIL)" || run vdv_split_mnist_til method=$(BASELINES_TIL); \
+	test -z "$(BASELINES)" || run vdv_split_fmnist method=$(BASELINES); \
+	for e in $(SPARSE_PROTOCOLS); do run $$e; done; \
+	$(BIN)/cl-report $$out --ref --plot $$out/accuracy.png --csv $$out/table.csv
