@@ -53,3 +53,27 @@ class Replayer:
         idx = self.order[self.at:self.at + self.bs]
         self.at += self.bs
         return self.x[idx], self.y[idx]
+
+
+@torch.no_grad()
+def herding_order(features: torch.Tensor, m: int, mu: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of `m` rows of `features` [N, d] chosen by herding (Welling 2009; iCaRL, Rebuffi et al. 2017,
+    Alg. 4): the k-th pick is the row that brings the mean of the picks closest to μ (default: the mean of all
+    rows; iCaRL with normalised features: that mean normalised),
+    argmin_n ‖(f_n + S_k)/(k + 1) − μ‖ with S_k the sum of the picks so far; a row is picked once. The norm is
+    expanded (‖f + S − (k+1)μ‖² = ‖f‖² + 2 f·(S − (k+1)μ) + const): one matrix-vector product per pick, and the
+    picks stay on the device (no host sync)."""
+    n = len(features)
+    m = min(m, n)
+    mu = features.mean(0) if mu is None else mu
+    sq = (features * features).sum(1)
+    taken = torch.zeros(n, dtype=torch.bool, device=features.device)
+    picks = torch.empty(m, dtype=torch.long, device=features.device)
+    s = torch.zeros_like(mu)
+    for k in range(m):
+        score = (sq + 2 * features @ (s - (k + 1) * mu)).masked_fill(taken, float("inf"))
+        i = score.argmin()
+        picks[k] = i
+        taken[i] = True
+        s += features[i]
+    return picks

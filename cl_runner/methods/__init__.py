@@ -81,9 +81,14 @@ class Method(nn.Module):
         active, lo = self.active(logits, task)
         return F.cross_entropy(active, y - lo if lo else y)
 
+    def batch_loss(self, task, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss of the minibatch (x, y); methods that need the inputs themselves (distillation
+        from a previous model, replayed inputs) override this, the others only `loss`."""
+        return self.loss(self.model(x), y, task)
+
     def step(self, task, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimizer step on the minibatch (x, y) with the hooks; returns the detached loss."""
-        loss = self.loss(self.model(x), y, task)
+        loss = self.batch_loss(task, x, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.after_backward(task)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..data.memory import Replayer, empty_memory, gather, store_balanced
 from . import METHODS, Method
+from .replay import mix
 from .schemas import ERConfig
 
 
@@ -43,10 +44,7 @@ class ER(Method):
             replayed = F.cross_entropy(out.masked_fill(~own, float("-inf")), ym)
         else:
             replayed = super().loss(out, ym, task)
-        if self.hp.weighting == "vdv":
-            t = task.id + 1
-            return current / t + (1 - 1 / t) * replayed
-        return current + self.hp.replay_lambda * replayed
+        return mix(current, replayed, task, self.hp)
 
     def end_task(self, task) -> None:
         seen = sorted({c for t in self.stream.tasks[:task.id + 1] for c in t.classes})

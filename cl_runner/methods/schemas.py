@@ -155,3 +155,40 @@ class ERConfig(MethodConfig):
     weighting: str = key(choices=("vdv", "sum"))  # vdv: (1/t) current + (1 - 1/t) replayed | sum: + replay_lambda x
     replay_lambda: float = key(ge=0)  # weight of the replayed minibatch's loss with weighting=sum
 
+
+
+@dataclass
+class LwFConfig(MethodConfig):
+    temperature: float = key(gt=0)  # T of the distillation (the 2019 code: 2)
+    weighting: str = key(choices=("vdv", "sum"))  # vdv: (1/t) CE + (1 - 1/t) KD | sum: CE + replay_lambda x KD
+    replay_lambda: float = key(ge=0)  # weight of the distillation loss with weighting=sum
+
+
+@dataclass
+class ICaRLConfig(MethodConfig):
+    memory: int = key(ge=1)  # exemplars in total: memory // (classes seen) per class (the 2019 code: 2000)
+    temperature: float = key(gt=0)  # T of the old classes' sigmoid(score / T) targets (the 2019 code: 2)
+    herding: bool = key()  # exemplars by herding (iCaRL) | false: a random draw
+
+
+def check_icarl(cfg) -> None:
+    if cfg.model.head != "single" or cfg.method.active_outputs == "task":
+        raise ConfigError("method=icarl classifies by the nearest mean of exemplars over every class seen: it is "
+                          "class-incremental only (model.head=single, method.active_outputs=seen or all)")
+
+
+@dataclass
+class DGRConfig(MethodConfig):
+    targets: str = key(choices=("hard", "soft"))  # replayed labels: the previous model's argmax | its scores (KD)
+    temperature: float = key(gt=0)  # T of the distillation with targets=soft (the 2019 code: 2)
+    weighting: str = key(choices=("vdv", "sum"))  # vdv: (1/t) current + (1 - 1/t) replayed | sum: + replay_lambda x
+    replay_lambda: float = key(ge=0)  # weight of the replayed minibatch's loss with weighting=sum
+    z_dim: int = key(ge=1)  # the VAE's latent size (the 2019 code: 100)
+    gen_hidden: List[int] = key(ge=1)  # the VAE encoder's hidden widths, mirrored by the decoder (400, 400)
+    gen_lr: float = key(gt=0)  # the VAE's Adam learning rate (the 2019 code: the classifier's, 0.001)
+
+
+def check_dgr(cfg) -> None:
+    if cfg.dataset.normalize != "unit":
+        raise ConfigError("method=dgr's VAE models pixels in [0, 1] with a per-pixel binary cross-entropy: it needs "
+                          f"dataset.normalize=unit (got {cfg.dataset.normalize})")
