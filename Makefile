@@ -26,9 +26,12 @@ test: install           ## fast tier: synthetic / bundled data, a few minutes on
 test-full: install      ## + the slow tier: real MNIST / Fashion-MNIST (../shared/data or $$CL_RUNNER_DATA)
 	CL_RUNNER_SHARED_DATA=$${CL_RUNNER_DATA:-$(SHARED_DATA)} $(BIN)/python -m pytest -q -m ""
 
+# the database cl-run writes by default: $CL_RUNNER_OUTPUTS/mlflow.db, else outputs/mlflow.db. cl-run's last line
+# gives a run's address there, in the UI's "Model training" view (?workflowType=machine_learning)
+UI_OUTPUTS = $(abspath $(or $(CL_RUNNER_OUTPUTS),outputs))
 ui: install             ## browse runs at http://127.0.0.1:$(PORT)
-	@mkdir -p outputs
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath outputs)/mlflow.db --host 127.0.0.1 --port $(PORT)
+	@mkdir -p $(UI_OUTPUTS)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(UI_OUTPUTS)/mlflow.db --host 127.0.0.1 --port $(PORT)
 
 # a shared tracking server: PostgreSQL (installed from Debian's packages if missing) + MLflow, data under
 # $(SERVER_DIR); see scripts/server.sh for its settings and the README ("A shared tracking server")

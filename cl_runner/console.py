@@ -45,20 +45,26 @@ class Progress:
             self.bar.stop()
 
 
-def print_summary(acc, acc_til, metrics, run_dir: Path) -> None:
+def print_summary(acc, acc_til, metrics, run_dir: Path, ui_line: str | None = None) -> None:
+    """The matrices (tasks numbered from 1, as in every figure), the final figures, where the results are and,
+    with MLflow, the one line giving the run's address in the UI."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console(highlight=False, soft_wrap=True, width=max(100, Console().width))
     for title, R in (("class-IL accuracy (%)", acc), ("task-IL accuracy (%)", acc_til)):
-        table = Table(title=f"{title}  (row: after task i, column: on task j)", title_justify="left")
+        table = Table(title=f"{title}  (row: after training task Ti, column: on task Tj; tasks from T1)",
+                      title_justify="left")
         table.add_column("after")
         for j in range(len(R[0])):
-            table.add_column(f"T{j}", justify="right")
+            table.add_column(f"T{j + 1}", justify="right")
         for i, r in enumerate(R):
-            table.add_row(str(i), *("-" if math.isnan(v) else f"{v:.2f}" for v in r))
+            after = "all" if len(R) == 1 < len(R[0]) else f"T{i + 1}"  # a joint run: one row, every task at once
+            table.add_row(after, *("-" if math.isnan(v) else f"{v:.2f}" for v in r))
         console.print(table)
     f = lambda k: "n/a" if math.isnan(metrics.get(names.final(k), float("nan"))) else f"{metrics[names.final(k)]:.2f}"  # noqa: E731
     console.print(f"final avg acc: class-IL {f('avg_acc')} | task-IL {f('avg_acc_til')} | "
                   f"BWT {f('bwt')} | forgetting {f('forgetting')} | {metrics[names.TOTAL_TIME]:.1f}s")
     console.print(f"results: {run_dir / 'results.json'}")
+    if ui_line:
+        console.print(ui_line, markup=False, overflow="ignore", crop=False)

@@ -15,7 +15,8 @@ def _plt():
 
 
 def accuracy_heatmap(acc: list, acc_til: list, path: Path) -> None:
-    """Side-by-side heatmaps of the class-IL and task-IL accuracy matrices."""
+    """Side-by-side heatmaps of the class-IL and task-IL accuracy matrices, tasks numbered from 1 (a joint
+    run's single row, every task trained at once, is labelled "all")."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * len(acc[0]), 1.5 + 0.6 * len(acc)), squeeze=False)
     for ax, R, title in zip(axes[0], (acc, acc_til), ("class-IL", "task-IL")):
@@ -26,8 +27,10 @@ def accuracy_heatmap(acc: list, acc_til: list, path: Path) -> None:
                 if v is not None and not math.isnan(v):
                     ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8,
                             color="white" if v < 60 else "black")
+        rows = ["all"] if len(R) == 1 < len(R[0]) else [str(i + 1) for i in range(len(R))]
         ax.set(title=f"{title} accuracy (%)", xlabel="evaluated on task", ylabel="after training task",
-               xticks=range(len(R[0])), yticks=range(len(R)))
+               xticks=range(len(R[0])), xticklabels=[str(j + 1) for j in range(len(R[0]))],
+               yticks=range(len(R)), yticklabels=rows)
     fig.subplots_adjust(left=0.07, right=0.9, bottom=0.12, top=0.88, wspace=0.25)  # no tight bbox: a 2nd draw
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     fig.savefig(path, dpi=100)
@@ -43,6 +46,12 @@ _UNITS = (
 )
 
 
+def _label(quantity: str) -> str:
+    """A legend entry: conn_task<k> (k from 0, R's column index) reads "task k+1", as tasks do in every figure."""
+    k = quantity.removeprefix("conn_task")
+    return f"task {int(k) + 1}" if quantity.startswith("conn_task") and k.isdigit() else quantity
+
+
 def _panels(quantities: list) -> list:
     """[(title, [quantity, ...]), ...]: one panel per unit in _UNITS order, then one per other quantity."""
     panels, rest = [], list(quantities)
@@ -56,7 +65,8 @@ def _panels(quantities: list) -> list:
 
 def capacity_plot(capacity: list, path: Path) -> None:
     """A row per layer, a panel per unit (share of the layer used, neurons, connections, accuracy, others):
-    each reported quantity against the number of tasks trained. Fractions are drawn as percentages."""
+    each reported quantity against the number of tasks trained. Shares are percentages: `*_pct` as they are,
+    `*_frac` (0-1) times 100, under a "(%)" title; a task's connections are labelled from task 1."""
     plt = _plt()
     layers = list(capacity[-1])
     rows = [(layer, _panels(list(capacity[-1][layer]))) for layer in layers]
@@ -71,7 +81,7 @@ def capacity_plot(capacity: list, path: Path) -> None:
             title, quantities = panels[col]
             for q in quantities:
                 scale = 100.0 if q.endswith("_frac") else 1.0
-                ax.plot(steps, [scale * c.get(layer, {}).get(q, math.nan) for c in capacity], marker="o", label=q)
+                ax.plot(steps, [scale * c.get(layer, {}).get(q, math.nan) for c in capacity], marker="o", label=_label(q))
             if title == "connections":
                 ax.set_yscale("symlog", linthresh=1)  # a task's few thousand beside the free hundreds of thousands
             ax.set(title=f"{layer}: {title}", xticks=list(steps))

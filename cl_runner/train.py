@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +25,7 @@ from .checkpoint import Checkpoint
 from .console import Progress, print_summary
 from .config import validate
 from .data import Split, Task, build_stream
+from .data.describe import describe
 from .errors import ConfigError, TrainingError, UserError
 from .evaluate import evaluate_tasks, forward_transfer, summary
 from .identity import config_hash
@@ -31,6 +33,7 @@ from .models import build_model
 from .registry import METHODS
 from .tracking import mlflow_store, names
 from .tracking.results import make_folder, new_record, write_json_atomic
+from .tracking.summary import tasks_csv
 from .tracking.trackers import LocalTracker, MlflowTracker
 
 log = logging.getLogger("cl_runner")
@@ -100,11 +103,13 @@ def hydra_info() -> tuple[Path | None, dict]:
     if not HydraConfig.initialized():
         return None, {}
     hc = HydraConfig.get()
+    multirun = str(hc.mode) == "RunMode.MULTIRUN"
     info = {"choices": {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")},
-            "overrides": list(hc.overrides.task)}
+            "overrides": list(hc.overrides.task), "entry_point": "cl-run -m" if multirun else "cl-run"}
     parent = Path(hc.sweep.dir) / "mlflow_parent.json"
-    if str(hc.mode) == "RunMode.MULTIRUN" and parent.exists():
-        info["parent_run_id"] = json.loads(parent.read_text())["run_id"]
+    if multirun and parent.exists():
+        sweep = json.loads(parent.read_text())
+        info["parent_run_id"], info["swept"] = sweep["run_id"], sweep.get("swept", [])
     return Path(hc.runtime.output_dir), info
 
 
@@ -127,6 +132,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     torch.manual_seed(cfg.seed)
     stream = build_stream(cfg, device)
     model = build_model(cfg, stream).to(device)
+    dataset = describe(cfg, (info.get("choices") or {}).get("dataset") or cfg.dataset.name, stream)
     set_threads(cfg.hardware, model, stream, cfg.method.batch_size)
     method = METHODS.get(cfg.method.name)(cfg, model, stream, device).to(device)
     plan = [joint_task(stream)] if method.trains_jointly else stream.tasks
@@ -134,7 +140,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     ck = (resumed_state(run_dir, method, device, tracker, len(plan)) if resumed is not None
           else fresh_state(cfg, method, stream, run_hash))
     elapsed0 = ck.elapsed_s  # seconds spent by the processes before this one
-    tracker.start(torch.get_num_threads())
+    tracker.start(torch.get_num_threads(), dataset)
     method.on_nonfinite = nonfinite_policy(cfg.on_nonfinite, tracker, len(plan))
     progress = Progress(cfg.progress, len(plan))
 
@@ -175,9 +181,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         # -- finish: final metrics and artifacts, whatever happened (the finished tasks are results too)
         progress.stop()
         metrics = final_metrics(ck, elapsed0 + time.perf_counter() - t_start)
-        artifacts = write_artifacts(run_dir, cfg, ck, method) if ck.acc else {}
+        artifacts = write_artifacts(run_dir, cfg, ck, method, tracker.state) if ck.acc else {}
         tracker.finish(metrics, artifacts, status, error)
-    print_summary(ck.acc, ck.acc_til, metrics, run_dir)
+    print_summary(ck.acc, ck.acc_til, metrics, run_dir, None if "parent_run_id" in info else tracker.ui_line())
     return metrics[names.final("avg_acc")]
 
 
@@ -207,7 +213,9 @@ def make_tracker(cfg, run_dir: Path, info: dict, run_hash: str, resumed: bool) -
     record = None if resumed else new_record(
         OmegaConf.to_container(cfg, resolve=True), run_hash, info.get("choices") or
         {"method": cfg.method.name, "dataset": cfg.dataset.name, "model": cfg.model.name},
-        info.get("overrides", []), run_dir, mlflow_store.git_commit())
+        info.get("overrides", []), run_dir, mlflow_store.git_commit(), info.get("entry_point") or Path(sys.argv[0]).name)
+    if record is not None:  # a sweep job's name starts with its swept values (the sweep callback lists the keys)
+        record["run_name"] = mlflow_store.run_name(mlflow_store.run_tags(record), info.get("swept", ()))
     if cfg.tracking == "local":
         return LocalTracker(run_dir, record)
     return MlflowTracker(run_dir, record, uri=mlflow_store.tracking_uri(cfg.mlflow.uri, cfg.paths.outputs),
@@ -257,8 +265,8 @@ def final_metrics(ck: Checkpoint, total_s: float) -> dict:
     return metrics
 
 
-def write_artifacts(run_dir: Path, cfg, ck: Checkpoint, method) -> dict:
-    """Matrices (JSON + CSV), heatmap, resolved config, capacity JSON + plot: {mlflow subfolder: dir}."""
+def write_artifacts(run_dir: Path, cfg, ck: Checkpoint, method, record: dict) -> dict:
+    """Matrices (JSON + CSV), heatmap, per-task table, resolved config, capacity JSON + plot: {mlflow subfolder: dir}."""
     acc, acc_til, capacity = ck.acc, ck.acc_til, ck.capacity
     out = run_dir / "artifacts"
     out.mkdir(exist_ok=True)
@@ -267,6 +275,7 @@ def write_artifacts(run_dir: Path, cfg, ck: Checkpoint, method) -> dict:
         header = "after_task," + ",".join(f"task_{j}" for j in range(len(R[0])))
         lines = [f"{i}," + ",".join("" if math.isnan(v) else f"{v:.4f}" for v in r) for i, r in enumerate(R)]
         (out / name).write_text("\n".join([header, *lines]) + "\n")
+    (out / "tasks.csv").write_text(tasks_csv(record))  # per task, numbered from 1: seconds, accuracies
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     plots.accuracy_heatmap(acc, acc_til, out / "acc_heatmap.png")
     if capacity:

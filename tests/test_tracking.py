@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ARTIFACTS = {"acc_matrix.json", "acc_matrix.csv", "acc_til_matrix.csv", "acc_heatmap.png", "config.yaml",
-             "results.json"}
+             "results.json", "tasks.csv"}
 # the default method is SpaceNet: its capacity record and the paper's Figs. 4-6 go to MLflow too
 SPACENET_ARTIFACTS = {"capacity.json", "capacity.png", "spacenet_fig4_activations.png",
                       "spacenet_fig5_connections.png", "spacenet_fig6_input_connections.png"}
@@ -141,8 +141,9 @@ def test_default_run_in_mlflow(default_run):
     assert steps(c, run_id, "acc_til/avg") == [1, 2, 3, 4, 5]
     history = {m.step: m.value for m in c.get_metric_history(run_id, "acc/task_0")}
     assert [history[s] for s in range(1, 6)] == pytest.approx([row[0] for row in res["acc"]])
-    for j in range(N_TASKS):  # each task's time once, at its own step (not again with the final metrics)
-        assert steps(c, run_id, f"time/task_{j}_s") == [j + 1]
+    # a task's seconds are no metric (N one-point charts): results.json and tasks.csv keep them
+    assert not [k for k in run.data.metrics if k.startswith("time/task_")]
+    assert len(res["timings"]["task_s"]) == N_TASKS and res["metrics"]["time/task_0_s"] > 0
     for m in ("final/avg_acc", "final/avg_acc_til", "final/bwt", "final/forgetting", "time/total_s"):
         assert run.data.metrics[m] == pytest.approx(res["metrics"][m], rel=1e-12, abs=1e-12), m
     assert steps(c, run_id, "final/avg_acc") == [5]
@@ -159,6 +160,34 @@ def test_default_run_in_mlflow(default_run):
     # the logged results.json is the final one (status finished), not a mid-run copy
     logged = json.loads(Path(c.download_artifacts(run_id, "results.json", str(cwd))).read_text())
     assert logged["status"] == "finished" and logged["mlflow_run_id"] == run_id
+
+
+def test_default_run_reads_well_in_the_ui(default_run):
+    """What the MLflow UI shows of a run beside its numbers: a short name, the dataset input (digest, task
+    split), the source (entry point, commit, user), a description with the per-task table; and the one line
+    cl-run prints with the run's address in the UI's Model training view."""
+    cwd, proc = default_run
+    res = one_results(cwd / "outputs")
+    c = client(f"sqlite:///{cwd / 'outputs'}/mlflow.db")
+    run = c.get_run(res["mlflow_run_id"])
+    assert run.info.run_name == res["run_name"] == "spacenet s0 · split_digits"
+    (ds,) = run.inputs.dataset_inputs
+    assert ds.dataset.name == "split_digits" and ds.dataset.digest == res["dataset"]["digest"]
+    assert len(ds.dataset.digest) == 16 and int(ds.dataset.digest, 16) >= 0
+    profile = json.loads(ds.dataset.profile)
+    assert profile["tasks"] == N_TASKS and profile["classes"][0] == [0, 1] and sum(profile["test"]) > 0
+    tags = run.data.tags
+    assert tags["mlflow.source.name"] == "cl-run" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.git.commit"] == tags["git_commit"] != "unknown"
+    note = tags["mlflow.note.content"]
+    assert "**spacenet** on **split_digits**" in note and "| 5 | 8 9 |" in note, note
+    tasks_csv = Path(c.download_artifacts(run.info.run_id, "tasks.csv", str(cwd))).read_text().splitlines()
+    assert tasks_csv[0].startswith("task,classes,seconds,") and tasks_csv[1].startswith("1,0 1,")
+    assert len(tasks_csv) == 1 + N_TASKS
+    url = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MLflow UI")]
+    assert lines == [f"MLflow UI (run): {url}  (start the UI with: mlflow ui --backend-store-uri "
+                     f"sqlite:///{(cwd / 'outputs').resolve()}/mlflow.db)"], proc.stdout
 
 
 def test_local_tracking_never_imports_mlflow(tmp_path):
@@ -219,7 +248,7 @@ def test_real_mlflow_server(tmp_path):
                 (tmp_path / "server.log").read_text()
             time.sleep(0.5)
 
-        cl_run(tmp_path, f"mlflow.uri={uri}", "method.epochs=1")
+        p = cl_run(tmp_path, f"mlflow.uri={uri}", "method.epochs=1")
         res = one_results(tmp_path / "outputs")
         assert not (tmp_path / "outputs" / "mlflow.db").exists()  # nothing went to the local default
 
@@ -232,6 +261,9 @@ def test_real_mlflow_server(tmp_path):
         # artifacts went through the server's proxy into --artifacts-destination
         assert ARTIFACTS <= {a.path for a in c.list_artifacts(run.info.run_id)}
         assert list((tmp_path / "srv_art").rglob("acc_matrix.csv"))
+        exp = run.info.experiment_id  # the run's address on the server, in the UI's Model training view
+        assert f"MLflow UI (run): {uri}/#/experiments/{exp}/runs/{run.info.run_id}?workflowType=machine_learning\n" \
+            in p.stdout, p.stdout
     finally:
         stop_group(server)
         log.close()

@@ -116,11 +116,50 @@ def run_tags(res: dict) -> dict[str, str]:
             "overrides": " ".join(res.get("overrides") or [])}
     if res.get("nonfinite_loss"):
         tags["nonfinite_loss"] = res["nonfinite_loss"]
+    return {**tags, **source_tags(res.get("entry_point"), tags["git_commit"], res.get("user"))}
+
+
+def source_tags(entry_point: str | None, commit: str, user: str | None) -> dict[str, str]:
+    """MLflow's own tags for the UI's Source and "Created by" fields: the entry point (cl-run), its commit."""
+    tags = {"mlflow.source.name": entry_point or "cl-run", "mlflow.source.type": "LOCAL"}
+    if commit and commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    if user:
+        tags["mlflow.user"] = user
     return tags
 
 
-def run_name(tags: dict) -> str:
-    return f"{tags['method']}-{tags['dataset']}-s{tags['seed']}"
+def _short(key: str, value: str) -> str:
+    """A swept override as a run name shows it: seed=1 -> s1, method=ewc -> ewc, method.sel=10 -> sel=10."""
+    if key == "seed":
+        return f"s{value}"
+    if key in ("method", "dataset", "model"):
+        return value
+    return f"{key.split('.')[-1]}={value}"
+
+
+def run_name(tags: dict, swept: list | tuple = ()) -> str:
+    """Short enough for the UI's run list, what tells runs apart first: a sweep job's swept values (from its
+    overrides), then the method and dataset not already named, e.g. `s1 · spacenet split_digits`,
+    `sel=10 s0 · spacenet split_mnist`; a single run: `spacenet s0 · split_digits`."""
+    job = dict(o.lstrip("+~").split("=", 1) for o in tags.get("overrides", "").split() if "=" in o)
+    first = [_short(k, job[k]) for k in swept if k in job]
+    if not first:
+        return f"{tags['method']} s{tags['seed']} · {tags['dataset']}"
+    rest = [tags[k] for k in ("method", "dataset") if k not in swept]
+    return " ".join(first) + (" · " + " ".join(rest) if rest else "")
+
+
+def dataset_input(info: dict):
+    """A run's dataset record (data/describe.py; results.json `dataset`) as an MLflow DatasetInput."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    ds = Dataset(name=info["name"], digest=info["digest"], source_type="local",
+                 source=json.dumps({"uri": info.get("source", "")}),
+                 schema=json.dumps(info.get("schema") or {}), profile=json.dumps(info.get("profile") or {}))
+    return DatasetInput(ds, tags=[InputTag("mlflow.data.context", "train and test")])
 
 
 def params(config: dict, have: dict | None = None) -> list:

@@ -1,7 +1,10 @@
 """Metric names, spelled in this one place: the MLflow keys, results.json's `metrics` and cl-report's columns.
 
-Sections are separated by `/` (the MLflow UI groups on them). Task numbers j are 0-based, as in R[i][j];
-a per-task metric's step is the number of tasks trained (1-based), so forgetting curves start at step 1.
+Sections are separated by `/` (the MLflow UI groups on them). A key's task index j is the column of R[i][j]
+(`acc/task_0` is the first task, "task 1" wherever a person reads it: figures, tables, the terminal, run
+descriptions); the keys keep it so that older runs' histories go on under the same names. A per-task
+metric's step is the number of tasks trained, so "after task t" is step t and forgetting curves start at 1.
+Accuracies are percentages (0-100), as are quantities named `*_pct`; a fraction's name ends in `_frac`.
 """
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ import math
 ACC_AVG = "acc/avg"  # class-IL mean over the tasks seen so far
 ACC_TIL_AVG = "acc_til/avg"
 TOTAL_TIME = "time/total_s"
-# logged at their task's step, so the end-of-run batch leaves them out (results.json keeps their last value)
+# logged at their task's step, so the end-of-run batch leaves them out (results.json keeps their last value);
+# a task's seconds are no MLflow metric (T one-point charts): results.json and the run's tasks.csv keep them
 PER_TASK = ("acc/", "acc_til/", "capacity/", "method/", "time/task_")
 
 
@@ -40,11 +44,10 @@ def final(name: str) -> str:
     return f"final/{name}"
 
 
-def task_metrics(i: int, row: list, row_til: list, capacity_: dict | None, method_: dict | None,
-                 task_s: float | None) -> dict:
-    """The metrics of task i's step (i + 1): accuracies on the tasks seen (None / NaN = not seen: left out)
-    and their means, capacity per layer, the method's diagnostics and the task's seconds. The tracker logs
-    these live and `cl-report --sync` rebuilds them from results.json with this same function."""
+def task_metrics(row: list, row_til: list, capacity_: dict | None, method_: dict | None) -> dict:
+    """The metrics of one step (row i of the matrices, logged at step i + 1): accuracies on the tasks seen
+    (None / NaN = not seen: left out) and their means, capacity per layer and the method's diagnostics. The
+    tracker logs these live and `cl-report --sync` rebuilds them from results.json with this same function."""
     out = {}
     for name_of, avg, r in ((acc, ACC_AVG, row), (acc_til, ACC_TIL_AVG, row_til)):
         seen = {j: v for j, v in enumerate(r) if v is not None and not math.isnan(v)}
@@ -53,8 +56,6 @@ def task_metrics(i: int, row: list, row_til: list, capacity_: dict | None, metho
     for layer, qs in (capacity_ or {}).items():
         out.update({capacity(layer, q): float(v) for q, v in qs.items()})
     out.update({method(k): float(v) for k, v in (method_ or {}).items()})
-    if task_s is not None:
-        out[task_time(i)] = task_s
     return out
 
 

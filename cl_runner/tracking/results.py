@@ -17,10 +17,13 @@ Schema version 1 (fields added later are optional for readers):
   error, mlflow_error            failure message; why MLflow stopped being used, if it did
   nonfinite_loss                 null, or where the training loss first became NaN/inf ("task 2, epoch 1")
   resumed, mlflow_synced         times the run was resumed; the last `cl-report --sync` (uri, run_id, time)
-  git_commit
+  git_commit, entry_point, user  the code's commit; what started the run (cl-run, a script); who ran it
+  run_name                       the MLflow run's name (mlflow_store.run_name: a sweep job's swept values first)
+  dataset                        name, digest, source, profile (the task split), schema: the MLflow dataset input
 """
 from __future__ import annotations
 
+import getpass
 import json
 import math
 import os
@@ -43,15 +46,23 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def current_user() -> str | None:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        return None
+
+
 def new_record(config: dict, config_hash: str, choices: dict, overrides: list, run_dir: Path,
-               git_commit: str) -> dict:
+               git_commit: str, entry_point: str | None = None) -> dict:
     """A new run's results.json, before its first task."""
     now = now_iso()
     return {"schema_version": SCHEMA_VERSION, "status": "running", "config": config, "config_hash": config_hash,
             "choices": choices, "overrides": overrides, "run_dir": str(run_dir), "mlflow_run_id": None,
             "tasks_done": 0, "n_tasks": None, "acc": [], "acc_til": [], "metrics": {}, "capacity": [],
             "method_metrics": [], "timings": {"task_s": [], "start_unix": time.time()}, "threads": None,
-            "started": now, "updated": now, "error": None, "nonfinite_loss": None, "git_commit": git_commit}
+            "started": now, "updated": now, "error": None, "nonfinite_loss": None, "git_commit": git_commit,
+            "entry_point": entry_point, "user": current_user(), "run_name": None, "dataset": None}
 
 
 def _nan_to_null(x):

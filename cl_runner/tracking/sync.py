@@ -28,7 +28,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import UserError
-from . import mlflow_store, names
+from . import mlflow_store, names, summary
 from .results import ResultsError, now_iso, read_results, run_files, write_json_atomic
 
 MLFLOW_STATUS = {"finished": "FINISHED", "failed": "FAILED"}
@@ -55,8 +55,7 @@ def expected_metrics(res: dict) -> dict[str, dict[int, tuple[float, int]]]:
         t += int(1000 * (task_s[i] if i < len(task_s) else 0))  # ~ when that task was logged
         cap = capacity[i] if len(capacity) == res["tasks_done"] else None
         diag = method_metrics[i] if len(method_metrics) == res["tasks_done"] else None
-        put(names.task_metrics(i, res["acc"][i], res["acc_til"][i], cap, diag, task_s[i] if i < len(task_s) else None),
-            i + 1, t)
+        put(names.task_metrics(res["acc"][i], res["acc_til"][i], cap, diag), i + 1, t)
     final = {k: v for k, v in (res.get("metrics") or {}).items() if not names.is_per_task(k)}  # MlflowTracker.finish
     put(final, res["tasks_done"], _ms(res.get("updated")) or t)
     return out
@@ -106,7 +105,8 @@ def _create_run(client, res: dict, path: Path, exp_id: str):
         parent = json.loads(parent_file.read_text()).get("run_id")
         if _get_run(client, parent) is not None:
             tags["mlflow.parentRunId"] = parent
-    return client.create_run(exp_id, start_time=_ms(res.get("started")), tags=tags, run_name=mlflow_store.run_name(tags))
+    return client.create_run(exp_id, start_time=_ms(res.get("started")), tags=tags,
+                             run_name=res.get("run_name") or mlflow_store.run_name(tags))
 
 
 def _parent_file(path: Path) -> Path | None:
@@ -158,6 +158,7 @@ def sync_run(client, path: Path, uri: str, outputs: Path) -> tuple[str, str]:
     params = mlflow_store.params(res["config"], have=run.data.params)
     metrics = missing_metrics(client, run, res)
     mlflow_store.log_batches(client, run_id, metrics=metrics, params_=params)
+    added = _add_missing_labels(client, run, res)
 
     remote = _remote_files(client, run_id)
     art_dir = path.parent / "artifacts"
@@ -171,7 +172,7 @@ def sync_run(client, path: Path, uri: str, outputs: Path) -> tuple[str, str]:
     status, old_status = MLFLOW_STATUS[res["status"]], run.info.status
     if old_status != status:
         client.set_terminated(run_id, status, end_time=_ms(res.get("updated")))
-    if not (created or params or metrics or n_art or old_status != status):
+    if not (created or params or metrics or n_art or added or old_status != status):
         return "up to date", f"{where}: up to date (run {run_id})"
 
     res["mlflow_synced"] = {"uri": uri, "run_id": run_id, "time": now_iso()}
@@ -186,6 +187,23 @@ def sync_run(client, path: Path, uri: str, outputs: Path) -> tuple[str, str]:
     st = status if created or old_status == status else f"{old_status} -> {status}"
     return ("created" if created else "updated"), (f"{where}: {what} {run_id}: +{len(metrics)} metric values, "
                                                    f"+{len(params)} params, +{n_art} artifacts, {st}")
+
+
+def _add_missing_labels(client, run, res: dict) -> int:
+    """What the run's page shows beside its numbers, when the MLflow run lacks it (synced from a results.json
+    written before runs had them, or by a sync): the dataset input, the source tags, the description. How many
+    were added."""
+    n = 0
+    if res.get("dataset") and not run.inputs.dataset_inputs:
+        client.log_inputs(run.info.run_id, datasets=[mlflow_store.dataset_input(res["dataset"])])
+        n += 1
+    labels = mlflow_store.source_tags(res.get("entry_point"), res.get("git_commit") or "unknown", res.get("user"))
+    labels[summary.DESCRIPTION_TAG] = summary.run_description(res)  # sync skips a run still running
+    for k, v in labels.items():
+        if k not in run.data.tags:
+            client.set_tag(run.info.run_id, k, v)
+            n += 1
+    return n
 
 
 def _outputs_for(uri: str) -> Path:

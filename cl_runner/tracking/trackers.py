@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from ..errors import TrackingError
-from . import mlflow_store, names
+from . import mlflow_store, names, summary, ui
 from .results import FILE, now_iso, read_results, write_json_atomic
 
 log = logging.getLogger("cl_runner")
@@ -34,9 +34,16 @@ class LocalTracker:
     def mlflow_run_id(self) -> str | None:
         return self.state["mlflow_run_id"]
 
-    def start(self, threads: int) -> None:
+    def start(self, threads: int, dataset: dict | None = None) -> None:
+        """`dataset`: what the run trains and tests on (data/describe.py), kept as results.json `dataset`."""
         self.state["threads"] = threads
+        if dataset is not None:
+            self.state["dataset"] = dataset
         self._save()
+
+    def ui_line(self) -> str | None:
+        """The line that says where the run is seen in a UI (None: results.json only)."""
+        return None
 
     def restore(self, acc: list, acc_til: list, capacity: list, method_metrics: list, task_s: list) -> None:
         """Resume: the rows, capacity snapshots, method diagnostics and timings as of the checkpoint."""
@@ -66,7 +73,7 @@ class LocalTracker:
             s["capacity"].append(capacity)
         s["method_metrics"].append(method_metrics)
         self._save()
-        return names.task_metrics(i, acc[i], acc_til[i], capacity, method_metrics, task_s)
+        return names.task_metrics(acc[i], acc_til[i], capacity, method_metrics)
 
     def finish(self, metrics: dict, artifacts: dict, status: str = "finished", error: str | None = None) -> None:
         self.state["metrics"].update(metrics)
@@ -87,21 +94,33 @@ class MlflowTracker(LocalTracker):
         self.client = mlflow_store.client(uri)
         self.exp_id = mlflow_store.ensure_experiment(self.client, experiment, uri, outputs)
 
-    def start(self, threads: int) -> None:
+    def start(self, threads: int, dataset: dict | None = None) -> None:
         self.state["threads"] = threads
+        if dataset is not None:
+            self.state["dataset"] = dataset
         if self.mlflow_run_id and self._reopen():  # resume: the same MLflow run goes on
-            return super().start(threads)
+            return super().start(threads, dataset)
         tags = mlflow_store.run_tags(self.state)
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
         try:
-            run = self.client.create_run(self.exp_id, tags=tags, run_name=mlflow_store.run_name(tags))
+            run = self.client.create_run(self.exp_id, tags=tags,
+                                         run_name=self.state.get("run_name") or mlflow_store.run_name(tags))
         except Exception as e:  # noqa: BLE001 - any failure here is the server's
             raise TrackingError(f"MLflow at {self.uri} refused the run: {mlflow_store.short(e)}") from None
         self.state["mlflow_run_id"] = run.info.run_id
         params = mlflow_store.params(self.state["config"])
         self._call(lambda: mlflow_store.log_batches(self.client, self.mlflow_run_id, params_=params))
-        super().start(threads)
+        self._log_dataset()
+        super().start(threads, dataset)
+
+    def _log_dataset(self) -> None:
+        if self.state.get("dataset"):
+            inputs = [mlflow_store.dataset_input(self.state["dataset"])]
+            self._call(lambda: self.client.log_inputs(self.mlflow_run_id, datasets=inputs))
+
+    def ui_line(self) -> str | None:
+        return ui.ui_line(self.uri, self.exp_id, self.mlflow_run_id) if self.mlflow_run_id else None
 
     def _reopen(self) -> bool:
         try:
@@ -123,6 +142,8 @@ class MlflowTracker(LocalTracker):
                          len(ms), self.mlflow_run_id)
 
         self._call(backfill)
+        if not run.inputs.dataset_inputs:  # started before runs logged their dataset
+            self._log_dataset()
         return True
 
     def _call(self, fn) -> None:
@@ -162,6 +183,8 @@ class MlflowTracker(LocalTracker):
         for sub, folder in artifacts.items():
             self._call(lambda f=folder, s=sub: self.client.log_artifacts(self.mlflow_run_id, str(f), s or None))
         self._call(lambda: self.client.log_artifact(self.mlflow_run_id, str(self.path)))
+        self._call(lambda: self.client.set_tag(self.mlflow_run_id, summary.DESCRIPTION_TAG,
+                                               summary.run_description(self.state)))
         self._call(lambda: self.client.set_terminated(self.mlflow_run_id, "FINISHED" if status == "finished" else "FAILED"))
         if self.broken:  # keep the reason in the results file too
             self._save()
