@@ -1,11 +1,9 @@
-"""Entry points: `cl-run` (Hydra app) and its Hydra callbacks: the folder check before Hydra writes into the
-run or sweep folder, and the sweep callback that makes one parent MLflow run per sweep. Every error a user
+"""Entry points: `cl-run` (Hydra app) and its Hydra callback that checks the run or sweep folder before Hydra
+writes into it (the sweep's parent MLflow run is sweep.py's callback). Every error a user
 can cause ends here in one line: `cl-run: error: ...`, exit code 2 (1 for a run that failed after it started).
 """
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import os
 import sys
@@ -99,6 +97,15 @@ def finished_before(cfg: DictConfig) -> float | None:
         return None
     log.info("skipped: this config (hash %s) already finished in %s (skip_finished=false runs it again)",
              h, found.get("run_dir"))
+    from hydra.core.hydra_config import HydraConfig
+
+    from .sweep_summary import record_skip
+
+    hc = HydraConfig.get()  # the sweep's parent run reports the run that stands for this job
+    try:
+        record_skip(Path(hc.runtime.output_dir), Path(hc.sweep.dir), h, found)
+    except (OSError, ValueError) as e:  # the parent then lacks this job; the sweep itself is unharmed
+        log.warning("could not note the skipped job for the sweep's parent run: %s", e)
     return found.get("metrics", {}).get("final/avg_acc", float("nan"))
 
 
@@ -117,7 +124,7 @@ def _finished_in_mlflow(cfg: DictConfig, h: str) -> dict | None:
     if not runs:
         return None
     r = runs[0]
-    return {"run_dir": f"MLflow run {r.info.run_id}", "metrics": r.data.metrics}
+    return {"run_dir": f"MLflow run {r.info.run_id}", "mlflow_run_id": r.info.run_id, "metrics": r.data.metrics}
 
 
 def main() -> None:
@@ -188,95 +195,3 @@ class FolderCheck(Callback):
         except UserError as e:
             sys.stderr.write(f"cl-run: error: {e}\n")
             sys.exit(e.exit_code)
-
-
-class SweepCallback(Callback):
-    """Before a multirun's jobs start: create the MLflow database, experiment and a parent run, and
-    leave the parent's id in the sweep folder for the jobs (which may run in other processes)."""
-
-    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self._guard_empty_study(config)
-        if config.tracking != "mlflow":
-            return
-        from .errors import TrackingError
-        from .tracking import mlflow_store
-
-        try:
-            uri = mlflow_store.tracking_uri(config.mlflow.uri, config.paths.outputs)
-            mlflow_store.check_usable(uri, config.mlflow.connect_timeout_s)
-            client = mlflow_store.client(uri)
-            exp_id = mlflow_store.ensure_experiment(client, config.mlflow.experiment, uri, Path(config.paths.outputs))
-            sweep_dir = Path(config.hydra.sweep.dir)
-            overrides = " ".join(config.hydra.overrides.task)
-            run = client.create_run(exp_id, run_name=f"sweep {sweep_dir.name}", tags={
-                "cl_runner.sweep_parent": "true", "sweep_dir": str(sweep_dir), "overrides": overrides,
-                "git_commit": mlflow_store.git_commit()})
-        except TrackingError as e:
-            sys.stderr.write(f"cl-run: error: {e}\n")
-            sys.exit(e.exit_code)
-        except Exception as e:  # noqa: BLE001 - the store answered, but refused the parent run
-            sys.stderr.write(f"cl-run: error: MLflow at {uri} refused the sweep's parent run: {mlflow_store.short(e)}\n")
-            sys.exit(2)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / "mlflow_parent.json").write_text(json.dumps({"run_id": run.info.run_id, "uri": uri}))
-        self.client, self.run_id, self.exp_id, self.uri = client, run.info.run_id, exp_id, uri
-        log.info("sweep parent MLflow run %s (experiment %s)", self.run_id, config.mlflow.experiment)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        self._log_report()
-        self._close("FINISHED")
-
-    def _log_report(self) -> None:
-        """The sweep's table (beside the published numbers) and its accuracy figure, from the finished children
-        (what `cl-report --parent <id> --ref --plot` gives), as the parent's artifacts in sweep_report/."""
-        if not getattr(self, "run_id", None):
-            return
-        import tempfile
-
-        try:
-            from .report import sweep_report
-
-            with tempfile.TemporaryDirectory() as folder:
-                sweep_report(self.uri, self.run_id, Path(folder))
-                if any(Path(folder).iterdir()):
-                    self.client.log_artifacts(self.run_id, folder, "sweep_report")
-        except Exception as e:  # noqa: BLE001 - a missing figure must not fail a sweep whose jobs are done
-            log.warning("could not add the table and figure to the sweep parent run %s: %s", self.run_id,
-                        " ".join(str(e).split())[:300] or type(e).__name__)
-
-    def _close(self, status: str) -> None:
-        if getattr(self, "run_id", None):
-            try:
-                children = self.client.search_runs([self.exp_id], f"tags.mlflow.parentRunId = '{self.run_id}'",
-                                                   max_results=1)
-                self.client.set_terminated(self.run_id, status)
-                if not children:  # every job was skipped (finished before) or stopped before its run began:
-                    self.client.delete_run(self.run_id)  # an empty parent would only clutter the UI
-                    log.info("no job ran, so the sweep parent MLflow run %s was deleted", self.run_id)
-            except Exception as e:  # noqa: BLE001 - the jobs' results are safe in their results.json
-                log.warning("could not close the sweep parent run: %s", e)
-
-    def _guard_empty_study(self, config: DictConfig) -> None:
-        """Optuna: when every trial failed (each already said why in one line), the plugin's `best_trial`
-        raises "No trials are completed yet" with a traceback. Say it in one line instead, close the sweep
-        parent as FAILED (deleted when no job got a run) and exit 1; the failed jobs' results.json stay."""
-        if "optuna" not in str(config.hydra.sweeper.get("_target_", "")):
-            return
-        from hydra_plugins.hydra_optuna_sweeper import _impl
-
-        impl = _impl.OptunaSweeperImpl
-        sweep = getattr(impl.sweep, "__wrapped__", impl.sweep)  # one wrapper, however many sweeps run
-
-        @functools.wraps(sweep)
-        def guarded(sweeper, arguments):
-            try:
-                return sweep(sweeper, arguments)
-            except ValueError as e:
-                if "No trials are completed" not in str(e):
-                    raise
-                self._close("FAILED")
-                sys.stderr.write(f"cl-run: error: no Optuna trial finished ({sweeper.n_trials} drawn, each failed as "
-                                 "said above), so there is no best value; widen the search space or fix the config\n")
-                sys.exit(1)
-
-        impl.sweep = guarded

@@ -214,18 +214,16 @@ def caption(records: list[RunRecord], rows: list[Row], where: str) -> str:
                if older else ""))
 
 
-def sweep_report(tracking_uri: str, parent: str, folder: Path) -> None:
-    """A sweep's table beside the published numbers (table.md, table.csv) and its figure (accuracy.png), from
-    the parent run's finished children, into `folder`: the sweep callback logs them as the parent's artifacts."""
-    records = collect_from_mlflow(parent=parent, tracking_uri=tracking_uri, curves=True)
-    if not records:
-        return
+def sweep_report(records: list[RunRecord], where: str, folder: Path) -> list[Row]:
+    """A sweep's table beside the published numbers (table.md, table.csv) and its figure (accuracy.png), what
+    `cl-report --parent <id> --ref --csv --plot` gives, into `folder`; the sweep's parent run logs them as its
+    artifacts and the rows' means and stds as its metrics (sweep_summary.py)."""
     rows = summarise(records, refs=load_references())
-    where = f"MLflow children of run {parent}"
     (folder / "table.md").write_text(f"{caption(records, rows, where)}\n\n{to_markdown(rows)}\n", encoding="utf-8")
     (folder / "table.csv").write_text(to_csv(rows), encoding="utf-8")
     if curve_lines(rows):
         plot(rows, folder / "accuracy.png")
+    return rows
 
 
 # ------------------------------------------------------------------------------------ command line

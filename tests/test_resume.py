@@ -112,22 +112,29 @@ def test_relaunched_sweep_skips_finished_jobs(tmp_path):
     assert len(list(out.glob("multirun/*/*/*/results.json"))) == 4
 
 
-def test_relaunched_mlflow_sweep_leaves_no_empty_parent(tmp_path):
+def test_relaunched_mlflow_sweep_parent_stands_for_the_skipped_jobs(tmp_path):
+    """Both jobs skipped: the relaunch's parent run has no child, but it reports the two finished runs it reused
+    (test_sweeps.py checks its numbers), so it is kept."""
     from mlflow.tracking import MlflowClient
+
+    from cl_runner.tracking.records import reused_runs
 
     out = tmp_path / "outputs"
     out.parent.mkdir(exist_ok=True)
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep = ["-m", "seed=0,1", "method.epochs=1", "tracking=mlflow", f"mlflow.uri={db}", "progress=off"]
     cl_run(out, *sweep)
-    p = cl_run(out, *sweep)  # both jobs skipped: the new parent run is removed again
+    p = cl_run(out, *sweep)
     assert (p.stdout + p.stderr).count("skipped: this config") == 2
     client = MlflowClient(db)
     exp = client.get_experiment_by_name("cl_runner")
-    runs = client.search_runs([exp.experiment_id])
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
     parents = [r for r in runs if r.data.tags.get("cl_runner.sweep_parent") == "true"]
-    assert len(runs) == 3 and len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert {r.data.tags.get("mlflow.parentRunId") for r in runs if r not in parents} == {parents[0].info.run_id}
+    jobs = [r for r in runs if r not in parents]
+    assert len(runs) == 4 and len(parents) == 2 and all(r.info.status == "FINISHED" for r in parents)
+    assert {r.data.tags.get("mlflow.parentRunId") for r in jobs} == {parents[0].info.run_id}
+    assert sorted(reused_runs(parents[1].data.tags)) == sorted(r.info.run_id for r in jobs)
+    assert parents[1].data.metrics["runs"] == 2
 
 
 def test_sweep_goes_on_after_a_job_runs_out_of_capacity(tmp_path):

@@ -96,6 +96,17 @@ def ensure_experiment(c, name: str, uri: str, outputs: Path) -> str:
         raise TrackingError(f"MLflow at {uri} is not usable: {short(e)}") from None
 
 
+def live_run(c, run_id: str | None):
+    """The run with this id, or None when the store has no such run (another store's id) or it was deleted."""
+    if not run_id:
+        return None
+    try:
+        run = c.get_run(run_id)
+    except Exception:  # noqa: BLE001 - RESOURCE_DOES_NOT_EXIST, whatever the backend raises
+        return None
+    return run if run.info.lifecycle_stage != "deleted" else None
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -95,18 +95,39 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return mlflow_store.tracking_uri(uri, os.environ.get("CL_RUNNER_OUTPUTS", "outputs"))  # = paths.outputs
 
 
+# a sweep parent's tags listing the finished runs its relaunch reused instead of running a job again (skip_finished):
+# run ids, comma-separated, REUSED_PER_TAG to a tag (MLflow keeps 8000 characters of a tag value)
+REUSED_TAG = "cl_runner.reused_runs"
+REUSED_PER_TAG = 200
+
+
+def reused_tags(run_ids: list[str]) -> dict[str, str]:
+    """The tags that list a sweep parent's reused runs: cl_runner.reused_runs, then _1, _2, ... when many."""
+    chunks = [run_ids[i:i + REUSED_PER_TAG] for i in range(0, len(run_ids), REUSED_PER_TAG)]
+    return {REUSED_TAG + (f"_{i}" if i else ""): ",".join(c) for i, c in enumerate(chunks)}
+
+
+def reused_runs(tags: dict) -> list[str]:
+    return [r for k, v in sorted(tags.items()) if k.startswith(REUSED_TAG) for r in v.split(",") if r]
+
+
 def collect_from_mlflow(experiment: str = "cl_runner", parent: str | None = None, filter_string: str = "",
                         tracking_uri: str | None = None, all_runs: bool = False,
                         curves: bool = False) -> list[RunRecord]:
-    """The runs of an experiment, or the children of a sweep parent; `curves`: with each run's `curve`."""
+    """The runs of an experiment, or a sweep parent's: its children and the finished runs a relaunch of the
+    sweep reused for jobs it skipped (the parent's cl_runner.reused_runs tags); `curves`: with each run's
+    `curve`."""
     uri = resolve_tracking_uri(tracking_uri)
     mlflow_store.check_usable(uri, 2, must_exist=True)
     filters = []
     try:
         client = mlflow_store.client(uri)
+        reused = []
         if parent:  # the sweep's children live in the parent's experiment, whatever --experiment says
-            exp_id = client.get_run(parent).info.experiment_id
+            parent_run = client.get_run(parent)
+            exp_id = parent_run.info.experiment_id
             filters.append(f"tags.mlflow.parentRunId = '{parent}'")
+            reused = reused_runs(parent_run.data.tags)
         else:
             exp = client.get_experiment_by_name(experiment)
             if exp is None:
@@ -122,6 +143,11 @@ def collect_from_mlflow(experiment: str = "cl_runner", parent: str | None = None
         while page.token:  # more than one page (1000 runs each)
             page = client.search_runs([exp_id], " and ".join(filters), page_token=page.token)
             runs += page
+        have = {r.info.run_id for r in runs}
+        for run_id in reused:
+            run = None if run_id in have else mlflow_store.live_run(client, run_id)  # may be deleted
+            if run is not None and (all_runs or run.info.status == "FINISHED"):
+                runs.append(run)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever the backend raises (MLflow, SQLAlchemy, requests)

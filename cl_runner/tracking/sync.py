@@ -72,20 +72,10 @@ def missing_metrics(client, run, res: dict) -> list:
     return metrics
 
 
-def _get_run(client, run_id: str | None):
-    if not run_id:
-        return None
-    try:
-        run = client.get_run(run_id)
-    except Exception:  # noqa: BLE001 - not on this server (RESOURCE_DOES_NOT_EXIST) or another store's id
-        return None
-    return run if run.info.lifecycle_stage != "deleted" else None
-
-
 def _find_run(client, res: dict, uri: str, exp_id: str):
     synced = res.get("mlflow_synced") or {}
     for run_id in (synced.get("run_id") if synced.get("uri") == uri else None, res.get("mlflow_run_id")):
-        run = _get_run(client, run_id)
+        run = mlflow_store.live_run(client, run_id)
         if run is not None:
             return run
     run_dir = str(res.get("run_dir") or "")
@@ -103,7 +93,7 @@ def _create_run(client, res: dict, path: Path, exp_id: str):
     parent_file = _parent_file(path)
     if parent_file is not None:
         parent = json.loads(parent_file.read_text()).get("run_id")
-        if _get_run(client, parent) is not None:
+        if mlflow_store.live_run(client, parent) is not None:
             tags["mlflow.parentRunId"] = parent
     return client.create_run(exp_id, start_time=_ms(res.get("started")), tags=tags,
                              run_name=res.get("run_name") or mlflow_store.run_name(tags))
@@ -118,7 +108,7 @@ def _parent_file(path: Path) -> Path | None:
 def close_parent(client, parent_file: Path) -> str | None:
     """Close a sweep parent run still RUNNING once every job of its sweep folder is over (FINISHED, as
     cl-run's sweep callback closes it); a line saying so, or None when there is nothing to do."""
-    run = _get_run(client, json.loads(parent_file.read_text()).get("run_id"))
+    run = mlflow_store.live_run(client, json.loads(parent_file.read_text()).get("run_id"))
     if run is None or run.info.status != "RUNNING":
         return None
     jobs = []
