@@ -93,7 +93,8 @@ def mean_curves(client, run_ids: list[str]) -> list:
     values: dict[tuple[str, int], list[float]] = {}
     for run_id in run_ids:
         for key in [k for k in client.get_run(run_id).data.metrics if k.startswith(CURVES)]:
-            by_step = {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+            history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
+            by_step = {m.step: m.value for m in history}  # a step logged again (resume): its newest value
             for step, v in by_step.items():
                 values.setdefault((key, step), []).append(v)
     ts = int(time.time() * 1000)

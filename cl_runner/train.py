@@ -213,7 +213,8 @@ def make_tracker(cfg, run_dir: Path, info: dict, run_hash: str, resumed: bool) -
     record = None if resumed else new_record(
         OmegaConf.to_container(cfg, resolve=True), run_hash, info.get("choices") or
         {"method": cfg.method.name, "dataset": cfg.dataset.name, "model": cfg.model.name},
-        info.get("overrides", []), run_dir, mlflow_store.git_commit(), info.get("entry_point") or Path(sys.argv[0]).name)
+        info.get("overrides", []), run_dir, mlflow_store.git_commit(),
+        info.get("entry_point") or Path(sys.argv[0]).name)
     if record is not None:  # a sweep job's name starts with its swept values (the sweep callback lists the keys)
         record["run_name"] = mlflow_store.run_name(mlflow_store.run_tags(record), info.get("swept", ()))
     if cfg.tracking == "local":

@@ -184,7 +184,8 @@ def test_default_run_reads_well_in_the_ui(default_run):
     tasks_csv = Path(c.download_artifacts(run.info.run_id, "tasks.csv", str(cwd))).read_text().splitlines()
     assert tasks_csv[0].startswith("task,classes,seconds,") and tasks_csv[1].startswith("1,0 1,")
     assert len(tasks_csv) == 1 + N_TASKS
-    url = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
+    url = (f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+           "?workflowType=machine_learning")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MLflow UI")]
     assert lines == [f"MLflow UI (run): {url}  (start the UI with: mlflow ui --backend-store-uri "
                      f"sqlite:///{(cwd / 'outputs').resolve()}/mlflow.db)"], proc.stdout

@@ -18,7 +18,8 @@ def test_ui_line_for_a_local_database_names_the_command_that_serves_it(tmp_path,
     db = tmp_path / "out" / "mlflow.db"
     uri = f"sqlite:///{db}"
     line = ui.ui_line(uri, "3", "abc", cwd=tmp_path)  # no Makefile here: mlflow ui itself
-    assert line == f"MLflow UI (run): http://127.0.0.1:5000/{TAIL}  (start the UI with: mlflow ui --backend-store-uri {uri})"
+    assert line == (f"MLflow UI (run): http://127.0.0.1:5000/{TAIL}  "
+                    f"(start the UI with: mlflow ui --backend-store-uri {uri})")
     (tmp_path / "Makefile").write_text("x:\n\ttrue\nui: install\n\tmlflow ui\n")
     monkeypatch.setenv("CL_RUNNER_OUTPUTS", "out")  # what `make ui` serves: $CL_RUNNER_OUTPUTS/mlflow.db
     assert ui.ui_line(uri, "3", "abc", cwd=tmp_path).endswith("(start the UI with: make ui)")
@@ -33,7 +34,8 @@ def test_ui_line_for_a_server_is_its_address():
 
 
 def test_run_names_put_what_tells_runs_apart_first():
-    tags = {"method": "spacenet", "dataset": "split_mnist", "seed": "1", "overrides": "method.sel=10 seed=1 progress=off"}
+    tags = {"method": "spacenet", "dataset": "split_mnist", "seed": "1",
+            "overrides": "method.sel=10 seed=1 progress=off"}
     assert mlflow_store.run_name(tags) == "spacenet s1 · split_mnist"
     assert mlflow_store.run_name(tags, ["method.sel", "seed"]) == "sel=10 s1 · spacenet split_mnist"
     tags["overrides"] = "method=ewc seed=1"
@@ -105,7 +107,7 @@ def test_figures_number_tasks_from_one(tmp_path, monkeypatch):
         orig = plt.Figure.savefig
 
         def save(fig, *a, **k):
-            seen[len(seen)] = [[t.get_text() for t in ax.get_xticklabels()] + [t.get_text() for t in ax.get_yticklabels()]
+            seen[len(seen)] = [[t.get_text() for t in ax.get_xticklabels() + ax.get_yticklabels()]
                                + [h.get_label() for h in ax.get_lines()] for ax in fig.axes if ax.get_visible()]
             return orig(fig, *a, **k)
 

@@ -63,11 +63,15 @@ def _markdown(head: list, rows: list) -> str:
 def run_description(res: dict) -> str:
     """The run's Overview note: what ran, its final figures, the per-task table."""
     cfg, choices, m = res["config"], res.get("choices") or {}, res.get("metrics") or {}
-    f = lambda k, unit="": "n/a" if math.isnan(_num(m.get(names.final(k)))) else f"{m[names.final(k)]:.2f}{unit}"  # noqa: E731
+
+    def f(k: str, unit: str = "") -> str:
+        v = _num(m.get(names.final(k)))
+        return "n/a" if math.isnan(v) else f"{v:.2f}{unit}"
+
     total = m.get(names.TOTAL_TIME)
     done = f"{res.get('tasks_done')}/{res.get('n_tasks')} tasks" + (f", {total:.1f} s" if total is not None else "")
-    lines = [f"**{choices.get('method') or cfg['method']['name']}** on **{choices.get('dataset') or cfg['dataset']['name']}**, "
-             f"seed {cfg.get('seed')}, {res.get('status')} ({done})",
+    method, dataset = choices.get("method") or cfg["method"]["name"], choices.get("dataset") or cfg["dataset"]["name"]
+    lines = [f"**{method}** on **{dataset}**, seed {cfg.get('seed')}, {res.get('status')} ({done})",
              "",
              f"Final average accuracy: class-IL **{f('avg_acc', ' %')}**, task-IL **{f('avg_acc_til', ' %')}**; "
              f"BWT {f('bwt')}, forgetting {f('forgetting')} (class-IL, points); task-IL BWT {f('bwt_til')}, "
