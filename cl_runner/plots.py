@@ -47,9 +47,9 @@ _UNITS = (
 
 
 def _label(quantity: str) -> str:
-    """A legend entry: conn_task<k> (k from 0, R's column index) reads "task k+1", as tasks do in every figure."""
-    k = quantity.removeprefix("conn_task")
-    return f"task {int(k) + 1}" if quantity.startswith("conn_task") and k.isdigit() else quantity
+    """A legend entry: conn_task<t> (tasks named from 1) reads "task t"."""
+    t = quantity.removeprefix("conn_task")
+    return f"task {t}" if quantity.startswith("conn_task") and t.isdigit() else quantity
 
 
 def _panels(quantities: list) -> list:

@@ -6,7 +6,7 @@
   each final figure under the children's own name (`final/avg_acc`), its std (ddof=1) as `<name>_std` and the
   number of runs as `runs`; with more than one group each name is prefixed by the group's label
   (`sel 10/final/avg_acc`). With one group the parent also carries the mean over its runs of each per-task
-  accuracy curve (`acc/task_<j>`, `acc/avg`, ...), so that a collapsed sweep is one line in the UI's charts;
+  accuracy curve (`acc/task_<t>`, `acc/avg`, ...), so that a collapsed sweep is one line in the UI's charts;
 - as artifacts, `cl-report`'s table (Markdown, CSV) and figure in `sweep_report/`;
 - as its description (Overview page) the table and the list of jobs with links to their runs;
 - the children's dataset inputs.

@@ -273,8 +273,8 @@ def write_artifacts(run_dir: Path, cfg, ck: Checkpoint, method, record: dict) ->
     out.mkdir(exist_ok=True)
     write_json_atomic(out / "acc_matrix.json", {"class_il": acc, "task_il": acc_til})
     for name, R in (("acc_matrix.csv", acc), ("acc_til_matrix.csv", acc_til)):
-        header = "after_task," + ",".join(f"task_{j}" for j in range(len(R[0])))
-        lines = [f"{i}," + ",".join("" if math.isnan(v) else f"{v:.4f}" for v in r) for i, r in enumerate(R)]
+        header = "after_task," + ",".join(f"task_{j + 1}" for j in range(len(R[0])))  # from 1
+        lines = [f"{i + 1}," + ",".join("" if math.isnan(v) else f"{v:.4f}" for v in r) for i, r in enumerate(R)]
         (out / name).write_text("\n".join([header, *lines]) + "\n")
     (out / "tasks.csv").write_text(tasks_csv(record))  # per task, numbered from 1: seconds, accuracies
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))

@@ -174,7 +174,7 @@ def test_run_capacity_is_consistent_and_reported(make_cfg, tmp_path):
             prev_free[name] = c["units_free"]
         assert cap["fc2"]["units_reused"] == 0  # single head: last-hidden neurons are never reused
         # the shared 2-way head: each committed fc2 neuron owns its 2 output connections
-        assert sum(cap["out"][f"conn_task{k}"] for k in range(5)) == 2 * (n - cap["fc2"]["units_free"])
+        assert sum(cap["out"][f"conn_task{k}"] for k in range(1, 6)) == 2 * (n - cap["fc2"]["units_free"])
     assert r["metrics"]["capacity/fc2/units_used_pct"] == r["capacity"][-1]["fc2"]["units_used_pct"]  # cl-report
     assert r["metrics"]["method/val_acc_pruned"] == r["method_metrics"][-1]["val_acc_pruned"]
     assert sum(c["fc1"]["units_reused"] for c in r["capacity"][1:]) > 0  # later tasks read old first-layer features

@@ -153,7 +153,7 @@ def test_a_nonfinite_loss_stops_the_run_keeps_the_finished_task_and_tags_it(make
     assert r["acc_til"][0][0] > 80 and "non-finite" in r["error"]
     mlrun = MlflowClient(uri).get_run(r["mlflow_run_id"])
     assert mlrun.info.status == "FAILED" and mlrun.data.tags["nonfinite_loss"] == "task 2/5, epoch 1"
-    assert mlrun.data.metrics["acc_til/task_0"] == r["acc_til"][0][0]
+    assert mlrun.data.metrics["acc_til/task_1"] == r["acc_til"][0][0]
 
 
 def test_on_nonfinite_continue_trains_on_and_marks_the_run(make_cfg, tmp_path, monkeypatch):

@@ -146,7 +146,7 @@ def test_growth_adds_free_units_that_old_units_never_see():
     torch.testing.assert_close(model(x), y0)  # the new columns hold exact zeros
     cap = MaskedNet(model, layers, ["fc1", "fc2", "out"]).capacity(1, newest=0)
     assert cap["fc1"]["units_free"] + cap["fc1"]["units_shared"] + cap["fc1"]["units_reserved"] == 12
-    assert cap["fc1"]["conn_task0"] + cap["fc1"]["conn_free"] == 72
+    assert cap["fc1"]["conn_task1"] + cap["fc1"]["conn_free"] == 72
 
 
 def test_cut_connections_count_apart_and_unit_states():
@@ -155,6 +155,6 @@ def test_cut_connections_count_apart_and_unit_states():
     layers[0].owner[1, :] = 0
     layers[0].unit_owner[1] = 0
     cap = net.capacity(2, newest=0)["fc1"]
-    assert (cap["conn_cut"], cap["conn_task0"], cap["conn_free"]) == (3, 6, 48 - 9)
+    assert (cap["conn_cut"], cap["conn_task1"], cap["conn_free"]) == (3, 6, 48 - 9)
     assert cap["units_reserved"] == 1 and cap["units_new"] == 1
     assert layers[0].held(1)[0, :3].all() and not layers[0].frozen(1)[0, :3].any()

@@ -79,7 +79,7 @@ def test_sigkill_mid_task_then_resume_gives_the_uninterrupted_matrices(tmp_path)
     assert len(runs) == 1, "the resumed run must continue the same MLflow run"
     run = runs[0]
     assert run.info.run_id == final["mlflow_run_id"] and run.info.status == "FINISHED"
-    hist = c.get_metric_history(run.info.run_id, "acc/task_0")
+    hist = c.get_metric_history(run.info.run_id, "acc/task_1")
     assert sorted(m.step for m in hist) == [1, 2, 3, 4, 5]  # no step twice
     assert [m.value for m in sorted(hist, key=lambda m: m.step)] == [r[0] for r in ref["acc"]]
     assert run.data.metrics["final/avg_acc"] == pytest.approx(ref["metrics"]["final/avg_acc"], abs=0)
@@ -206,7 +206,7 @@ def test_resume_sends_the_task_metrics_a_kill_kept_out_of_mlflow(make_cfg, tmp_p
         again.start(threads=1)
         assert again.mlflow_run_id == first.mlflow_run_id and not again.broken
         hist = {k: sorted((m.step, m.value) for m in c.get_metric_history(first.mlflow_run_id, k))
-                for k in ("acc/avg", "acc/task_1", "acc_til/task_0", "capacity/fc1/used_pct")}
-        assert hist == {"acc/avg": [(1, 90.0), (2, 90.0)], "acc/task_1": [(2, 92.0)],
-                        "acc_til/task_0": [(1, 95.0), (2, 94.0)], "capacity/fc1/used_pct": [(1, 10.0), (2, 20.0)]}
+                for k in ("acc/avg", "acc/task_2", "acc_til/task_1", "capacity/fc1/used_pct")}
+        assert hist == {"acc/avg": [(1, 90.0), (2, 90.0)], "acc/task_2": [(2, 92.0)],
+                        "acc_til/task_1": [(1, 95.0), (2, 94.0)], "capacity/fc1/used_pct": [(1, 10.0), (2, 20.0)]}
     assert c.get_run(first.mlflow_run_id).info.status == "RUNNING"

@@ -70,9 +70,9 @@ def assert_complete(c, run_id: str, res: dict) -> None:
     hist = histories(c, run_id)
     assert_no_duplicates(hist)
     for j in range(N_TASKS):  # task j is evaluated after tasks j..T-1 (steps j+1..T)
-        assert [s for s, _ in hist[f"acc/task_{j}"]] == list(range(j + 1, N_TASKS + 1)), hist[f"acc/task_{j}"]
-        assert [v for _, v in hist[f"acc/task_{j}"]] == pytest.approx([row[j] for row in res["acc"][j:]])
-        assert [s for s, _ in hist[f"acc_til/task_{j}"]] == list(range(j + 1, N_TASKS + 1))
+        assert [s for s, _ in hist[f"acc/task_{j + 1}"]] == list(range(j + 1, N_TASKS + 1)), hist[f"acc/task_{j + 1}"]
+        assert [v for _, v in hist[f"acc/task_{j + 1}"]] == pytest.approx([row[j] for row in res["acc"][j:]])
+        assert [s for s, _ in hist[f"acc_til/task_{j + 1}"]] == list(range(j + 1, N_TASKS + 1))
     assert not [k for k in hist if k.startswith("time/task_")]  # a task's seconds: results.json and tasks.csv
     run = c.get_run(run_id)
     for k in ("final/avg_acc", "final/avg_acc_til", "final/bwt", "final/forgetting", "time/total_s"):
@@ -148,7 +148,7 @@ def test_sync_fills_the_gaps_of_an_existing_run(local_run, tmp_path):
     c = client(uri)
     exp = c.create_experiment("cl_runner", artifact_location=(tmp_path / "mlartifacts").as_uri())
     run_id = c.create_run(exp, tags={"run_dir": str(run_dir)}).info.run_id
-    seen = [Metric(f"acc/task_{j}", res["acc"][i][j], 0, i + 1) for i in range(2) for j in range(i + 1)]
+    seen = [Metric(f"acc/task_{j + 1}", res["acc"][i][j], 0, i + 1) for i in range(2) for j in range(i + 1)]
     c.log_batch(run_id, metrics=seen)
     c.log_artifact(run_id, str(run_dir / "artifacts" / "config.yaml"))
     res["mlflow_run_id"] = run_id
@@ -365,7 +365,7 @@ def test_server_killed_mid_run_then_sync(server, tmp_path):
     print(f"mlflow restarted in {time.monotonic() - t0:.1f}s")
     run = c.get_run(run_id)
     assert run.info.status == "RUNNING"  # what the server was left with
-    logged = [m.step for m in c.get_metric_history(run_id, "acc/task_0")]
+    logged = [m.step for m in c.get_metric_history(run_id, "acc/task_1")]
     assert 1 in logged and len(logged) < N_TASKS, logged
 
     p = run_script("cl-report", tmp_path, "--sync", str(tmp_path / "outputs"), "--tracking-uri", server.uri)

@@ -182,7 +182,7 @@ def test_sparse_layer_ownership_and_capacity():
     out.owner[0, 0] = 1  # task 1 reads task 0's reserved map 0
     cap = MaskedNet(torch.nn.Sequential(conv, out), [conv, out], ["conv1", "out"]).capacity(2, newest=1)
     c = cap["conv1"]
-    assert (c["conn_task0"], c["conn_task1"], c["conn_free"], c["conn_used_pct"]) == (2, 1, 9, 25.0)
+    assert (c["conn_task1"], c["conn_task2"], c["conn_free"], c["conn_used_pct"]) == (2, 1, 9, 25.0)
     assert (c["units_reserved"], c["units_shared"], c["units_free"], c["units_used_pct"]) == (1, 1, 2, 25.0)
     assert (c["units_new"], c["units_reused"]) == (0, 1) and "units_reserved" not in cap["out"]
     assert isinstance(make_masked(torch.nn.Linear(2, 2)), MaskedLinear)
@@ -274,8 +274,8 @@ def test_run_capacity_and_artifacts(make_cfg, tmp_path):
     for t, cap in enumerate(r["capacity"]):
         for name, total, width in (("fc1", 60 * 64, 60), ("fc2", 60 * 60, 60), ("out", 10 * 60, None)):
             c = cap[name]
-            assert sum(c[f"conn_task{k}"] for k in range(5)) + c["conn_free"] == total  # conserved
-            assert all(c[f"conn_task{k}"] == 0 for k in range(t + 1, 5))
+            assert sum(c[f"conn_task{k}"] for k in range(1, 6)) + c["conn_free"] == total  # conserved
+            assert all(c[f"conn_task{k}"] == 0 for k in range(t + 2, 6))
             if width:
                 assert c["units_reserved"] + c["units_shared"] + c["units_free"] == width
                 assert c["units_reserved"] == 5 * (t + 1)
@@ -357,4 +357,4 @@ def test_paper_protocols_on_mnist(make_cfg, tmp_path, experiment, lo, hi):
     run(make_cfg(f"+experiment={experiment}", "hardware=cpu", data=SHARED_DATA), run_dir=tmp_path / "run")
     r = json.loads((tmp_path / "run" / "results.json").read_text())
     assert lo < r["metrics"]["final/avg_acc"] < hi, r["metrics"]
-    assert r["capacity"][-1]["fc1"]["conn_task4"] == 10000 and r["capacity"][-1]["fc2"]["units_reserved"] == 200
+    assert r["capacity"][-1]["fc1"]["conn_task5"] == 10000 and r["capacity"][-1]["fc2"]["units_reserved"] == 200

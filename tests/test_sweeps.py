@@ -145,7 +145,7 @@ def check_parent_reports(c, parent, runs: list) -> None:
     assert float(values[head.index("acc (class-IL) std")]) == pytest.approx(m["final/avg_acc_std"], abs=1e-4)
     assert {f.path for f in c.list_artifacts(parent.info.run_id, "sweep_report")} == {
         "sweep_report/accuracy.png", "sweep_report/table.md", "sweep_report/table.csv"}
-    for key in ("acc/avg", "acc/task_0"):  # the collapsed sweep is one line in the UI's charts: the mean
+    for key in ("acc/avg", "acc/task_1"):  # the collapsed sweep is one line in the UI's charts: the mean
         mean = {h.step: h.value for h in c.get_metric_history(parent.info.run_id, key)}
         per_run = [{h.step: h.value for h in c.get_metric_history(r.info.run_id, key)} for r in runs]
         assert mean == pytest.approx({s: sum(p[s] for p in per_run) / 2 for s in per_run[0]}), key

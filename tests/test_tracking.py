@@ -134,16 +134,16 @@ def test_default_run_in_mlflow(default_run):
     assert params["dataset.name"] == "split_digits" and params["method.epochs"] == "40"  # split_digits schedule
 
     # per-task metrics: step = number of tasks trained so far
-    assert steps(c, run_id, "acc/task_0") == [1, 2, 3, 4, 5]
-    assert steps(c, run_id, "acc_til/task_0") == [1, 2, 3, 4, 5]
-    assert steps(c, run_id, "acc/task_4") == [5]
+    assert steps(c, run_id, "acc/task_1") == [1, 2, 3, 4, 5]
+    assert steps(c, run_id, "acc_til/task_1") == [1, 2, 3, 4, 5]
+    assert steps(c, run_id, "acc/task_5") == [5]
     assert steps(c, run_id, "acc/avg") == [1, 2, 3, 4, 5]
     assert steps(c, run_id, "acc_til/avg") == [1, 2, 3, 4, 5]
-    history = {m.step: m.value for m in c.get_metric_history(run_id, "acc/task_0")}
+    history = {m.step: m.value for m in c.get_metric_history(run_id, "acc/task_1")}
     assert [history[s] for s in range(1, 6)] == pytest.approx([row[0] for row in res["acc"]])
     # a task's seconds are no metric (N one-point charts): results.json and tasks.csv keep them
     assert not [k for k in run.data.metrics if k.startswith("time/task_")]
-    assert len(res["timings"]["task_s"]) == N_TASKS and res["metrics"]["time/task_0_s"] > 0
+    assert len(res["timings"]["task_s"]) == N_TASKS and res["metrics"]["time/task_1_s"] > 0
     for m in ("final/avg_acc", "final/avg_acc_til", "final/bwt", "final/forgetting", "time/total_s"):
         assert run.data.metrics[m] == pytest.approx(res["metrics"][m], rel=1e-12, abs=1e-12), m
     assert steps(c, run_id, "final/avg_acc") == [5]
@@ -153,7 +153,7 @@ def test_default_run_in_mlflow(default_run):
         png = Path(c.download_artifacts(run_id, name, str(cwd)))
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
     # capacity per layer after each task, step = tasks trained
-    assert steps(c, run_id, "capacity/fc1/conn_task0") == [1, 2, 3, 4, 5]
+    assert steps(c, run_id, "capacity/fc1/conn_task1") == [1, 2, 3, 4, 5]
     assert steps(c, run_id, "capacity/fc2/units_reserved") == [1, 2, 3, 4, 5]
     reserved = {m.step: m.value for m in c.get_metric_history(run_id, "capacity/fc1/units_reserved")}
     assert [reserved[s] for s in range(1, 6)] == [c_["fc1"]["units_reserved"] for c_ in res["capacity"]]
@@ -257,7 +257,7 @@ def test_real_mlflow_server(tmp_path):
         run = c.get_run(res["mlflow_run_id"])
         assert run.info.status == "FINISHED"
         assert run.data.tags["method"] == "spacenet" and run.data.params["method.epochs"] == "1"
-        assert steps(c, run.info.run_id, "acc/task_0") == [1, 2, 3, 4, 5]
+        assert steps(c, run.info.run_id, "acc/task_1") == [1, 2, 3, 4, 5]
         assert run.data.metrics["final/avg_acc"] == pytest.approx(res["metrics"]["final/avg_acc"])
         # artifacts went through the server's proxy into --artifacts-destination
         assert ARTIFACTS <= {a.path for a in c.list_artifacts(run.info.run_id)}

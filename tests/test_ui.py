@@ -117,7 +117,7 @@ def test_figures_number_tasks_from_one(tmp_path, monkeypatch):
     monkeypatch.setattr(plots, "_plt", spy)
     plots.accuracy_heatmap([[90.0, math.nan], [80.0, 95.0]], [[99.0, math.nan], [98.0, 97.0]], tmp_path / "h.png")
     assert seen[0][0][:4] == ["1", "2", "1", "2"]  # evaluated on task 1, 2; after training task 1, 2
-    cap = [{"fc1": {"conn_task0": 5, "conn_task1": 0, "conn_free": 9, "conn_used_pct": 20.0}}] * 2
+    cap = [{"fc1": {"conn_task1": 5, "conn_task2": 0, "conn_free": 9, "conn_used_pct": 20.0}}] * 2
     plots.capacity_plot(cap, tmp_path / "c.png")
     labels = {label for ax in seen[1] for label in ax}
-    assert {"task 1", "task 2", "conn_free", "conn_used_pct"} <= labels and "conn_task0" not in labels
+    assert {"task 1", "task 2", "conn_free", "conn_used_pct"} <= labels and "conn_task1" not in labels

@@ -15,7 +15,7 @@ matter, and backwards from them the units with a connection into what is kept. W
 compact too; `block(l)` hands a method the trained block of layer l either way.
 
 Capacity vocabulary (per layer, every quantity a count unless it ends in `_pct`, a percentage):
-    conn_task<k>   connections owned by task k        conn_free  absent     conn_cut  held at 0 for good
+    conn_task<t>   connections owned by task t (from 1)   conn_free  absent   conn_cut  held at 0 for good
     conn_spare     present, no task's yet
     conn_used_pct  100 · owned / all positions
     units_reserved reserved / stable units            units_new  reserved by the newest task
@@ -175,7 +175,7 @@ class MaskedNet:
         out = {}
         for l, (name, m) in enumerate(zip(self.names, self.layers)):
             counts = torch.bincount(m.owner.flatten().long() + 3, minlength=n_tasks + 3).tolist()
-            c = {f"conn_task{k}": counts[k + 3] for k in range(n_tasks)}
+            c = {f"conn_task{k + 1}": counts[k + 3] for k in range(n_tasks)}  # tasks named from 1
             c["conn_free"] = counts[FREE + 3]
             for quantity, state in (("conn_cut", CUT), ("conn_spare", SPARE)):
                 if counts[state + 3]:

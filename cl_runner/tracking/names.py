@@ -1,8 +1,7 @@
 """Metric names, spelled in this one place: the MLflow keys, results.json's `metrics` and cl-report's columns.
 
-Sections are separated by `/` (the MLflow UI groups on them). A key's task index j is the column of R[i][j]
-(`acc/task_0` is the first task, "task 1" wherever a person reads it: figures, tables, the terminal, run
-descriptions); the keys keep it so that older runs' histories go on under the same names. A per-task
+Sections are separated by `/` (the MLflow UI groups on them). Tasks are numbered from 1 in every name, as
+everywhere a person reads them: `acc/task_1` is the first task (column j = 0 of R[i][j]), and a per-task
 metric's step is the number of tasks trained, so "after task t" is step t and forgetting curves start at 1.
 Accuracies are percentages (0-100), as are quantities named `*_pct`; a fraction's name ends in `_frac`.
 """
@@ -19,11 +18,11 @@ PER_TASK = ("acc/", "acc_til/", "capacity/", "method/", "time/task_")
 
 
 def acc(j: int) -> str:
-    return f"acc/task_{j}"
+    return f"acc/task_{j + 1}"  # j: R's 0-based column
 
 
 def acc_til(j: int) -> str:
-    return f"acc_til/task_{j}"
+    return f"acc_til/task_{j + 1}"
 
 
 def capacity(layer: str, quantity: str) -> str:
@@ -31,7 +30,7 @@ def capacity(layer: str, quantity: str) -> str:
 
 
 def task_time(j: int) -> str:
-    return f"time/task_{j}_s"
+    return f"time/task_{j + 1}_s"
 
 
 def method(name: str) -> str:

@@ -79,7 +79,7 @@ def run_description(res: dict) -> str:
              ""]
     rows = task_rows(res)
     if rows:
-        lines += ["Per task (numbered from 1; MLflow's `acc/task_0` is task 1; also `tasks.csv`):", "",
+        lines += ["Per task (numbered from 1, as in the metric names; also `tasks.csv`):", "",
                   _markdown(HEAD, rows)]
     if res.get("error"):
         lines += ["", f"Error: {res['error']}"]
