@@ -72,8 +72,8 @@ def herding_order(features: torch.Tensor, m: int, mu: torch.Tensor | None = None
     s = torch.zeros_like(mu)
     for k in range(m):
         score = (sq + 2 * features @ (s - (k + 1) * mu)).masked_fill(taken, float("inf"))
-        i = score.argmin()
-        picks[k] = i
-        taken[i] = True
-        s += features[i]
+        i = score.argmin().view(1)  # a 1-element index tensor: indexing with it never reads it on the host
+        picks[k:k + 1] = i
+        taken.index_fill_(0, i, True)
+        s += features.index_select(0, i)[0]
     return picks
