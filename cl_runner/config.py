@@ -84,6 +84,10 @@ class ModelConfig:
 class MLPConfig(ModelConfig):
     hidden: List[int] = key(ge=1)
     activation: str = key(choices=("relu", "tanh", "sigmoid", "gelu"))
+    # dropout on the inputs and after each hidden layer's activation (HAT's MLP: 0.2 and 0.5); added later,
+    # so the defaults live here and not in conf/model/mlp.yaml (the hashes of earlier runs stay)
+    dropout_in: float = key(ge=0, lt=1, default=0.0)
+    dropout: float = key(ge=0, lt=1, default=0.0)
 
 
 @dataclass

@@ -192,3 +192,24 @@ def check_dgr(cfg) -> None:
     if cfg.dataset.normalize != "unit":
         raise ConfigError("method=dgr's VAE models pixels in [0, 1] with a per-pixel binary cross-entropy: it needs "
                           f"dataset.normalize=unit (got {cfg.dataset.normalize})")
+
+
+@dataclass
+class HATConfig(MethodConfig):
+    s_max: float = key(gt=1)  # the gates' largest scale (the release: 400)
+    lamb: float = key(ge=0)  # λ of the attention regulariser (the release: 0.75)
+    clipgrad: float = key(gt=0)  # gradient-norm clipping (the release: 10000)
+    thres_cosh: float = key(gt=0)  # clamp of s·e inside the compensation's cosh (the release: 50)
+    thres_emb: float = key(gt=0)  # embeddings clamped to ±this after each step (the release: 6)
+    lr_patience: int = key(ge=1)  # epochs without a better validation loss before lr / lr_factor (5)
+    lr_factor: float = key(gt=1)  # (3)
+    lr_min: float = key(ge=0)  # training stops when lr falls below it (1e-4)
+
+
+def check_hat(cfg) -> None:
+    if cfg.model.head != "multi":
+        raise ConfigError("method=hat gates each task's units by its own embedding and needs the task id: it is "
+                          "task-incremental, with a head per task (model.head=multi)")
+    if cfg.model.get("activation", "relu") != "relu" or cfg.model.get("batch_norm", False):
+        raise ConfigError("method=hat gates units before a ReLU (equal to gating after it) and shares no BatchNorm "
+                          "statistics across tasks: it needs model.activation=relu and no batch_norm")

@@ -46,11 +46,15 @@ class MLP(nn.Module):
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.act = ACTIVATIONS[mcfg.activation]()
         self.out = nn.Linear(dims[-1], n_outputs)
+        # identities when 0 (the default): the forward then matches a model built before these keys
+        p_in, p = mcfg.get("dropout_in", 0.0), mcfg.get("dropout", 0.0)
+        self.drop_in = nn.Dropout(p_in) if p_in else nn.Identity()
+        self.drop = nn.Dropout(p) if p else nn.Identity()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)  # [N, C*H*W]
+        x = self.drop_in(x.flatten(1))  # [N, C*H*W]
         for layer in self.hidden:
-            x = self.act(layer(x))
+            x = self.drop(self.act(layer(x)))
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
