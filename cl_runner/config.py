@@ -59,9 +59,10 @@ class DatasetConfig:
     n_tasks: int = key(ge=1)
     class_order: Any = key()  # "natural" | "shuffle" (seeded) | "vdv" (van de Ven & Tolias's) | explicit list of class ids
     val_fraction: float = key(ge=0, lt=1)
-    normalize: str = key(choices=("standard", "unit"))
+    normalize: str = key(choices=("standard", "unit", "symmetric"))  # symmetric: pixels in [-1, 1] (GANs' tanh)
     label_mode: str = key(choices=("offset", "shared"))
     download: bool = key()  # allow a torchvision download when files are missing
+    resize: int = key(ge=0, default=0)  # images resized (bilinear) to resize x resize; 0 = as stored (added later)
 
 
 @dataclass
@@ -139,6 +140,8 @@ class MlflowConfig:  # where results are logged
 class EvalConfig:
     batch_size: int = key(ge=1, identity=False)  # memory only: each test image's logits do not depend on it
     fwt: bool = key()  # also evaluate each task before it is trained, against a random-init reference
+    # task counts k whose class-IL average after task k is also a final metric, final/A<k> (DGM's A5, A10)
+    after: List[int] = key(ge=1, default=[], identity=False)
 
 
 @dataclass

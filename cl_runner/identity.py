@@ -36,11 +36,18 @@ def is_identity_key(dotted: str) -> bool:
     return not any(dotted == k or dotted.startswith(k + ".") for k in not_identity_keys())
 
 
+# Keys added to the YAML after runs existed, with the value that computes what those runs computed: at that
+# value they are left out of the hash, so a finished run is still found (skip_finished, resume).
+ADDED_LATER = {"dataset.resize": 0, "model.dropout_in": 0.0, "model.dropout": 0.0}
+
+
 def identity(config: dict, prefix: str = "") -> dict:
-    """A plain config (nested dicts) without its not-identity keys; sections left empty disappear."""
+    """A plain config (nested dicts) without its not-identity keys, nor the ADDED_LATER keys at their old
+    value; sections left empty disappear."""
     out = {}
     for k, v in config.items():
-        if not is_identity_key(prefix + str(k)):
+        dotted = prefix + str(k)
+        if not is_identity_key(dotted) or (dotted in ADDED_LATER and v == ADDED_LATER[dotted]):
             continue
         if isinstance(v, dict):
             v = identity(v, f"{prefix}{k}.")

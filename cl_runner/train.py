@@ -180,7 +180,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     finally:
         # -- finish: final metrics and artifacts, whatever happened (the finished tasks are results too)
         progress.stop()
-        metrics = final_metrics(ck, elapsed0 + time.perf_counter() - t_start)
+        metrics = final_metrics(ck, elapsed0 + time.perf_counter() - t_start, cfg.eval.get("after", ()))
         artifacts = write_artifacts(run_dir, cfg, ck, method, tracker.state) if ck.acc else {}
         tracker.finish(metrics, artifacts, status, error)
     print_summary(ck.acc, ck.acc_til, metrics, run_dir, None if "parent_run_id" in info else tracker.ui_line())
@@ -251,10 +251,14 @@ def method_metrics(method, diagnostics) -> dict:
     return {str(k): float(v) for k, v in diagnostics.items()}
 
 
-def final_metrics(ck: Checkpoint, total_s: float) -> dict:
-    """End-of-run figures: CL metrics over the matrices (none when no task finished), FWT, the last capacity
-    snapshot and method diagnostics (cl-report --metrics reads them), and the times."""
+def final_metrics(ck: Checkpoint, total_s: float, after=()) -> dict:
+    """End-of-run figures: CL metrics over the matrices (none when no task finished), A<k> = the class-IL
+    average over the tasks seen after task k for each k in `after` that finished (eval.after), FWT, the last
+    capacity snapshot and method diagnostics (cl-report --metrics reads them), and the times."""
     metrics = summary(ck.acc, ck.acc_til) if ck.acc else {}
+    for k in after:
+        if k <= len(ck.acc):
+            metrics[names.final(f"A{k}")] = sum(ck.acc[k - 1][:k]) / k
     if ck.random_til is not None:
         metrics[names.final("fwt_til")] = forward_transfer(ck.before_til, ck.random_til)
     if ck.capacity:

@@ -60,7 +60,8 @@ def test_every_registered_method_runs(make_cfg, tmp_path, name):
     # DGR's VAE needs pixels in [0, 1]; 30 minibatches for the methods whose default is van de Ven's 2000
     # HAT is task-incremental: a head per task
     extra = {"dgr": ["dataset.normalize=unit"], "dgr_distill": ["dataset.normalize=unit"],
-             "hat": ["model.head=multi"]}.get(name, [])
+             "hat": ["model.head=multi"],
+             "dgm": ["dataset.n_tasks=10", "dataset.normalize=symmetric", "dataset.resize=32"]}.get(name, [])
     assert math.isfinite(run(make_cfg(f"method={name}", "method.epochs=1", "dataset.n_tasks=2",
                                       "dataset.val_fraction=0.2", "++method.steps=30", *extra)))
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..config import DatasetConfig, EFMnistConfig, PermutedConfig
 from ..errors import ConfigError
@@ -53,13 +54,20 @@ def build_stream(cfg, device: torch.device) -> TaskStream:
 
 
 # --------------------------------------------------------------------------------------- helpers
-def _to_device(raw: RawData, x: torch.Tensor, mode: str, device) -> torch.Tensor:
-    """uint8 -> float on the device, normalised there (one copy of the data, no host-side floats)."""
+def _to_device(raw: RawData, x: torch.Tensor, mode: str, device, size: int = 0) -> torch.Tensor:
+    """uint8 -> float on the device, resized (size > 0) and normalised there (one copy of the data, no
+    host-side floats). `standard` uses the stored images' channel statistics, `unit` keeps [0, 1],
+    `symmetric` maps to [-1, 1] (the DGM release's Normalize(0.5, 0.5))."""
     x = x.to(device)
     if x.dim() == 3:
         x = x.unsqueeze(1)  # grey images get a channel axis: [N, 1, H, W]
     x = x.float().div_(raw.max_value)
-    if mode == "standard":
+    if size and tuple(x.shape[2:]) != (size, size):  # in chunks: the float copy at the new size is the peak
+        x = torch.cat([F.interpolate(c, size=(size, size), mode="bilinear", align_corners=False).clamp_(0, 1)
+                       for c in x.split(8192)])
+    if mode == "symmetric":
+        x.mul_(2).sub_(1)
+    elif mode == "standard":
         mean = torch.tensor(raw.mean, device=device).view(1, -1, 1, 1)
         # a constant channel (std 0) is only centred: dividing by 0 would make every input NaN
         std = torch.tensor([s if s > 0 else 1.0 for s in raw.std], device=device).view(1, -1, 1, 1)
@@ -130,7 +138,8 @@ def _split_tasks(cfg, device, parts) -> TaskStream:
         # position of each original class in the label space (-1: class not used)
         lut = torch.full((raw.n_classes,), -1, dtype=torch.long)
         lut[torch.tensor(order[:used])] = torch.arange(used)
-        train_x, test_x = _to_device(raw, raw.train_x, d.normalize, device), _to_device(raw, raw.test_x, d.normalize, device)
+        size = d.get("resize", 0)
+        train_x, test_x = _to_device(raw, raw.train_x, d.normalize, device, size), _to_device(raw, raw.test_x, d.normalize, device, size)
         train_pos, test_pos = lut[raw.train_y].to(device), lut[raw.test_y].to(device)
         bounds = [0, *accumulate(sizes)]
         for lo, hi in zip(bounds[:-1], bounds[1:]):
@@ -196,7 +205,8 @@ class Permuted:
     def build(self, cfg, device) -> TaskStream:
         d = cfg.dataset
         raw = _raw(cfg, "mnist")
-        train_x, test_x = _to_device(raw, raw.train_x, d.normalize, device), _to_device(raw, raw.test_x, d.normalize, device)
+        size = d.get("resize", 0)
+        train_x, test_x = _to_device(raw, raw.train_x, d.normalize, device, size), _to_device(raw, raw.test_x, d.normalize, device, size)
         train_y, test_y = raw.train_y.to(device), raw.test_y.to(device)
         shape = train_x.shape[1:]
         g = torch.Generator().manual_seed(cfg.seed)

@@ -213,3 +213,32 @@ def check_hat(cfg) -> None:
     if cfg.model.get("activation", "relu") != "relu" or cfg.model.get("batch_norm", False):
         raise ConfigError("method=hat gates units before a ReLU (equal to gating after it) and shares no BatchNorm "
                           "statistics across tasks: it needs model.activation=relu and no batch_norm")
+
+
+@dataclass
+class DGMConfig(MethodConfig):
+    masks: str = key(choices=("weights", "channels"))  # plasticity masks on every weight (DGMw) | channel (DGMa)
+    nz: int = key(ge=1)  # noise size (the label's one-hot overwrites its first n_classes entries): 128
+    ngf: int = key(ge=1)  # generator width: layers 4·ngf, 2·ngf, ngf (DGMw 6, DGMa 20)
+    ndf: int = key(ge=1)  # discriminator width: 32
+    lr_d: float = key(gt=0)  # Adam lr of the discriminator (2e-3 MNIST)
+    lr_g: float = key(gt=0)  # Adam lr of the generator (2e-3 MNIST)
+    beta1: float = key(ge=0, lt=1)  # Adam β1 of both (0.5)
+    s_max: float = key(gt=1)  # the masks' largest scale (DGMw 1e4, DGMa 1e5)
+    lamb: float = key(ge=0)  # λ of the mask-sparsity penalty before growth scaling (DGMw 0.08, DGMa 0.01)
+    lambda_adv: float = key(gt=0)  # weight of the generator's adversarial loss (1)
+    lambda_gp: float = key(ge=0)  # weight of the WGAN gradient penalty (1)
+    aux_g: bool = key()  # also train the generator on the auxiliary head's cross-entropy (the MNIST release: no)
+    clipgrad: float = key(gt=0)  # generator gradient-norm clipping (10000)
+    thres_cosh: float = key(gt=0)  # clamp of s·e inside the compensation's cosh (50)
+    val_every: int = key(ge=1)  # epochs between validations (the release: 2); the best one's classifier is kept
+
+
+def check_dgm(cfg) -> None:
+    d = cfg.dataset
+    if d.val_fraction <= 0:
+        raise ConfigError(f"method={cfg.method.name} keeps the classifier of its best validation: it needs "
+                          "dataset.val_fraction > 0 (the release holds out 0.15)")
+    if d.normalize != "symmetric" or d.get("resize", 0) != 32:
+        raise ConfigError(f"method={cfg.method.name}'s generator draws 32x32 images through a tanh: it needs "
+                          f"dataset.resize=32 and dataset.normalize=symmetric (got {d.get('resize', 0)}, {d.normalize})")
