@@ -71,3 +71,17 @@ def make_cifar10(root: Path) -> None:
 def make_cifar100(root: Path, n_train: int = 200, n_test: int = 100) -> None:
     write_pickle(root / "cifar-100-python" / "train", cifar_batch(n_train, 0, b"fine_labels", 100))
     write_pickle(root / "cifar-100-python" / "test", cifar_batch(n_test, 1000, b"fine_labels", 100))
+
+
+def make_svhn(root: Path, n_train: int = 60, n_test: int = 30) -> None:
+    """torchvision's SVHN layout: <root>/SVHN/{train,test}_32x32.mat, X uint8 [32, 32, 3, N], y [N, 1] in 1..10
+    (10 is the digit 0). Pixel (0, 0) of image i's first channel holds i, to check the axis order on reading."""
+    from scipy.io import savemat
+
+    (root / "SVHN").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+        x[0, 0, 0, :] = np.arange(n) % 256
+        y = (np.arange(n) % 10 + 1).reshape(-1, 1).astype(np.uint8)  # 1..10
+        savemat(str(root / "SVHN" / f"{split}_32x32.mat"), {"X": x, "y": y})

@@ -228,7 +228,7 @@ def test_emnist_download_asks_for_the_balanced_split(tmp_path, monkeypatch):
 
 def test_unknown_source(tmp_path):
     with pytest.raises(DataError, match="unknown data source"):
-        load_raw("svhn", tmp_path, tmp_path, download=False)
+        load_raw("stl10", tmp_path, tmp_path, download=False)
 
 
 # ------------------------------------------------------------------------------------ digits
@@ -244,7 +244,7 @@ def test_digits(tmp_path):
     # every 5th of each class -> test, so each class's test count is floor(count / 5)
     assert torch.equal(test_counts, (train_counts + test_counts) // 5)
     assert len(raw.mean) == 1 and 0 < raw.mean[0] < 1 and 0 < raw.std[0] < 1
-    assert SOURCES == ("digits", "mnist", "fmnist", "emnist", "cifar10", "cifar100")
+    assert SOURCES == ("digits", "mnist", "fmnist", "emnist", "cifar10", "cifar100", "svhn")
 
 
 # ------------------------------------------------------------------------------ genuine data
@@ -265,3 +265,27 @@ def test_genuine_mnist_and_fmnist(tmp_path):
     assert torch.bincount(fmnist.test_y).tolist() == [1000] * 10
     cached = load_raw("mnist", SHARED, tmp_path, download=False)  # from tmp_path/mnist.pt
     assert torch.equal(cached.train_x, mnist.train_x)
+
+
+def test_svhn_mat_files_read_as_torchvision_does(tmp_path, make_cfg):
+    from fakedata import make_svhn
+
+    make_svhn(tmp_path / "data")
+    raw = load_raw("svhn", tmp_path / "data", tmp_path / "cache", download=False)
+    assert raw.train_x.shape == (60, 3, 32, 32) and raw.test_x.shape == (30, 3, 32, 32)
+    assert raw.train_x[:, 0, 0, 0].tolist() == list(range(60))  # [32, 32, 3, N] -> [N, 3, 32, 32]
+    assert raw.train_y[:10].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]  # label 10 is the digit 0
+    from cl_runner.config import validate
+    from cl_runner.data import build_stream
+
+    cfg = validate(make_cfg("dataset=split_svhn", "dataset.n_tasks=10", "dataset.normalize=symmetric",
+                            "dataset.resize=32", "dataset.download=false"))
+    stream = build_stream(cfg, torch.device("cpu"))
+    assert len(stream.tasks) == 10 and stream.input_shape == (3, 32, 32)
+    x = stream.tasks[0].train.x
+    assert x.min() >= -1 and x.max() <= 1
+
+
+def test_svhn_missing_files_name_them(tmp_path):
+    with pytest.raises(DataError, match=r"SVHN/\{train,test\}_32x32.mat"):
+        load_raw("svhn", tmp_path / "data", tmp_path / "cache", download=False)

@@ -226,7 +226,8 @@ class Permuted:
 
 
 for _name, _source, _n in (("split_digits", "digits", 10), ("split_mnist", "mnist", 10), ("split_fmnist", "fmnist", 10),
-                           ("split_cifar10", "cifar10", 10), ("split_cifar100", "cifar100", 100)):
+                           ("split_cifar10", "cifar10", 10), ("split_cifar100", "cifar100", 100),
+                           ("split_svhn", "svhn", 10)):
     DATASETS.register(_name, DatasetConfig)(ClassSplit(_source, _n))
 DATASETS.register("cifar10_100", DatasetConfig)(CifarTenHundred())
 DATASETS.register("permuted_mnist", PermutedConfig)(Permuted())

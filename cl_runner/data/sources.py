@@ -34,7 +34,7 @@ class RawData:
     max_value: int  # 255 for images, 16 for sklearn digits
 
 
-SOURCES = ("digits", "mnist", "fmnist", "emnist", "cifar10", "cifar100")
+SOURCES = ("digits", "mnist", "fmnist", "emnist", "cifar10", "cifar100", "svhn")
 IDX_SOURCES = ("mnist", "fmnist", "emnist")  # IDX files, plain or .gz
 
 _IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -54,6 +54,7 @@ _LAYOUT = {
     "cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
                 "{data_batch_1..5,test_batch}", "CIFAR10", 10),
     "cifar100": ("cifar-100-python", ("train", "test"), "{train,test}", "CIFAR100", 100),
+    "svhn": ("SVHN", ("train_32x32.mat", "test_32x32.mat"), "{train,test}_32x32.mat", "SVHN", 10),
 }
 _TV_KWARGS = {"emnist": {"split": "balanced"}}  # torchvision's EMNIST downloads every split; we read one
 # Bump when the cached layout or the readers change, so old caches are re-read rather than trusted.
@@ -76,6 +77,8 @@ def load_raw(name: str, root: Path, cache_dir: Path, download: bool) -> RawData:
     if raw is None:
         if name in IDX_SOURCES:
             parts = _read_idx_set(files)
+        elif name == "svhn":
+            parts = [t for p in files for t in _read_svhn_mat(p)]
         else:  # CIFAR-100's b"coarse_labels" are its 20 superclasses; we use the 100 fine ones
             parts = _read_cifar_set(files, b"fine_labels" if name == "cifar100" else b"labels")
         raw = _make_raw(*parts, n_classes=_LAYOUT[name][4], max_value=255, what=str(files[0].parent))
@@ -105,6 +108,9 @@ def _fetch(name: str, root: Path, download: bool) -> list[Path]:
         socket.setdefaulttimeout(10)  # an offline machine should fail in seconds, not minutes
         try:
             for train in (True, False):
+                if name == "svhn":  # torchvision's SVHN keeps its files in `root` itself and takes a split name
+                    torchvision.datasets.SVHN(root=str(root / folder), split="train" if train else "test", download=True)
+                    continue
                 getattr(torchvision.datasets, tv_class)(root=str(root), train=train, download=True,
                                                         **_TV_KWARGS.get(name, {}))
         except Exception as exc:  # noqa: BLE001 - any failure becomes the one-line message below
@@ -170,6 +176,22 @@ def _read_cifar_set(files: list[Path], label_key: bytes):
     train, test = parts[:-1], parts[-1]  # the test file comes last in _LAYOUT's order
     return (torch.from_numpy(np.concatenate([x for x, _ in train])),
             torch.from_numpy(np.concatenate([y for _, y in train])), *map(torch.from_numpy, test))
+
+
+def _read_svhn_mat(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """An SVHN cropped-digits file as torchvision reads it (scipy MAT): X uint8 [32, 32, 3, N], y [N, 1] with
+    10 standing for the digit 0."""
+    from scipy.io import loadmat  # scikit-learn's dependency; only SVHN needs it
+
+    try:
+        mat = loadmat(str(path))
+        x, y = np.asarray(mat["X"], dtype=np.uint8), np.asarray(mat["y"], dtype=np.int64).reshape(-1)
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: one line
+        raise DataError(f"corrupt SVHN file {path}: {type(exc).__name__}: {exc}") from None
+    if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
+        raise DataError(f"corrupt SVHN file {path}: X {x.shape}, y {y.shape} (expected [32, 32, 3, N] and [N, 1])")
+    y[y == 10] = 0
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1))), torch.from_numpy(y)
 
 
 def _load_digits() -> RawData:
