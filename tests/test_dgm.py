@@ -104,3 +104,39 @@ def test_checkpoint_round_trip_resumes_bit_identically(make_cfg):
 def test_config_errors_are_one_line(make_cfg, bad, message):
     with pytest.raises(ConfigError, match=message):
         build(make_cfg, "dgmw", bad)
+
+
+def test_killed_run_resumes_to_the_uninterrupted_matrices(tmp_path):
+    """SIGKILL inside task 4 of a DGM run (grown generator, per-task BatchNorms, a wider discriminator), then
+    resume=true: the same class-IL matrix as a run never killed."""
+    import json
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from conftest import cli
+    from test_resume import cl_run, env_for, results
+
+    args = ["method=dgma", *DGM, "method.epochs=3", "seed=2", "progress=off", "hardware.threads=1", "tracking=local"]
+    ref_out = tmp_path / "ref" / "outputs"
+    ref_out.parent.mkdir()
+    cl_run(ref_out, *args)
+    (ref,) = results(ref_out)
+    out = tmp_path / "crash" / "outputs"
+    out.parent.mkdir()
+    proc = subprocess.Popen([cli(), *args], cwd=out.parent, env=env_for(out), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        found = results(out) if out.exists() else []
+        if found and found[0]["tasks_done"] >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (killed,) = results(out)
+    assert killed["status"] == "running" and 3 <= killed["tasks_done"] < 10
+    cl_run(out, *args, "resume=true")
+    final = json.loads((Path(killed["run_dir"]) / "results.json").read_text())
+    assert final["status"] == "finished" and final["acc"] == ref["acc"] and final["capacity"] == ref["capacity"]

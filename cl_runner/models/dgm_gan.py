@@ -107,8 +107,8 @@ class Generator(nn.Module):
     def noise(self, labels: torch.Tensor) -> torch.Tensor:
         """z ~ N(0, I) with the label's one-hot written over its first n_classes entries (the release)."""
         z = torch.randn(len(labels), self.nz, device=labels.device)
-        z[:, :self.n_classes] = F.one_hot(labels, self.n_classes).float()
-        return z
+        z[:, :self.n_classes] = 0
+        return z.scatter_(1, labels.view(-1, 1), 1.0)  # (F.one_hot would check the labels on the host)
 
     def forward(self, z: torch.Tensor, t: int, label: int, s: float, binary: bool = False) -> tuple:
         """Images of class `label` (task t's) from noise z; also the gates, for the sparsity penalty.
