@@ -114,6 +114,9 @@ def ray_launch(launcher, job_overrides, initial_job_idx):
     address = init.get("address")
     if address in (None, "local"):
         where = "a private Ray instance on this machine"
+        # "local": a new instance even when `ray start` runs here (Ray would join that one, or hang on the
+        # address a stopped cluster left in /tmp/ray, and refuse the object store size)
+        init["address"] = "local"
         init.setdefault("object_store_memory", PRIVATE_OBJECT_STORE)
     else:
         where = ray_address(str(address), float(config.launcher.connect_timeout_s))

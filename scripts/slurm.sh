@@ -99,8 +99,8 @@ EOF
   say "configured a one-node cluster in $SLURM_DIR (slurmctld on 127.0.0.1:$ctld_port)"
 }
 
-pid_of() {  # the daemon's pid when it runs, else nothing
-  local f=$SLURM_DIR/$1.pid p
+pid_of() {  # the daemon's pid when it runs, else nothing (our record: the daemons rewrite their own pid files)
+  local f=$SLURM_DIR/pids/$1 p
   [[ -f $f ]] || return 1
   p=$(cat "$f" 2>/dev/null) && [[ -n $p ]] && kill -0 "$p" 2>/dev/null && echo "$p"
 }
@@ -122,9 +122,16 @@ start_munged() {
     die "another munged already serves $MUNGE_SOCKET (a real SLURM set-up?); stop it or use that cluster"
   fi
   mkdir -p "$(dirname "$MUNGE_SOCKET")"
-  munged --socket="$MUNGE_SOCKET" --key-file="$SLURM_DIR/munge/munge.key" --pid-file="$SLURM_DIR/munged.pid" \
-    --log-file="$SLURM_DIR/log/munged.log" --seed-file="$SLURM_DIR/munge/seed" \
-    || die "munged did not start; see $SLURM_DIR/log/munged.log"
+  launch munged munged --foreground --socket="$MUNGE_SOCKET" --key-file="$SLURM_DIR/munge/munge.key" \
+    --pid-file="$SLURM_DIR/munged.pid" --log-file="$SLURM_DIR/log/munged.log" --seed-file="$SLURM_DIR/munge/seed"
+  wait_for munged munge -n -S "$MUNGE_SOCKET"
+}
+
+launch() {  # launch <daemon> <command...>: in the foreground of its own session, its pid in <daemon>.pid at once
+  local daemon=$1; shift
+  mkdir -p "$SLURM_DIR/pids"
+  setsid "$@" </dev/null >>"$SLURM_DIR/log/$daemon.out" 2>&1 &
+  echo $! > "$SLURM_DIR/pids/$daemon"  # setsid execs in place (not a group leader here), so this is the daemon
 }
 
 start() {
@@ -137,17 +144,16 @@ start() {
     [[ -d $db/data/mysql ]] || mariadb-install-db --user=root --datadir="$db/data" >"$SLURM_DIR/log/mariadb-install.log" 2>&1 \
       || die "mariadb-install-db failed; see $SLURM_DIR/log/mariadb-install.log"
     # a private server on 127.0.0.1 that only slurmdbd uses; without grant tables, so no password to keep
-    setsid mariadbd --no-defaults --user=root --datadir="$db/data" --socket="$db/mysqld.sock" \
+    launch mariadbd mariadbd --no-defaults --user=root --datadir="$db/data" --socket="$db/mysqld.sock" \
       --port="$(cat "$SLURM_DIR/mysql.port")" --bind-address=127.0.0.1 --skip-grant-tables \
-      --pid-file="$SLURM_DIR/mariadbd.pid" --log-error="$SLURM_DIR/log/mariadbd.log" </dev/null >/dev/null 2>&1 &
-    echo $! > "$SLURM_DIR/mariadbd.pid"  # before mariadbd writes it itself (same pid: setsid execs in place)
+      --pid-file="$SLURM_DIR/mariadbd.pid" --log-error="$SLURM_DIR/log/mariadbd.log"
     wait_for mariadbd test -S "$db/mysqld.sock"
   fi
-  pid_of slurmdbd >/dev/null || slurmdbd || die "slurmdbd did not start; see $SLURM_DIR/log/slurmdbd.log"
+  pid_of slurmdbd >/dev/null || launch slurmdbd slurmdbd -D
   wait_for slurmdbd sacctmgr -n list cluster
-  pid_of slurmctld >/dev/null || slurmctld || die "slurmctld did not start; see $SLURM_DIR/log/slurmctld.log"
+  pid_of slurmctld >/dev/null || launch slurmctld slurmctld -D
   wait_for slurmctld scontrol ping
-  pid_of slurmd >/dev/null || slurmd -N "$NODE" || die "slurmd did not start; see $SLURM_DIR/log/slurmd.log"
+  pid_of slurmd >/dev/null || launch slurmd slurmd -D -N "$NODE"
   wait_for slurmd bash -c "sinfo -h -N -o %t | grep -q -E '^(idle|mix|alloc)'"
   say "up: $(sinfo -h -o '%P %D node(s) %c CPUs %t')"
   echo "export SLURM_CONF=$CONF"
