@@ -129,8 +129,9 @@ def ray_launch(launcher, job_overrides, initial_job_idx):
         try:
             ray.init(**init)
         except Exception as e:  # noqa: BLE001 - Ray's messages run to pages; one line says what to check
-            raise ClusterError(f"could not join {where}: {_short(e)}; check `ray status` there and that its "
-                               "Ray and Python versions match this machine's") from None
+            raise ClusterError(f"could not join {where}: {_short(e)}; check `ray status` there, that its Ray "
+                               "and Python versions match this machine's, and, if it uses token authentication, "
+                               "RAY_AUTH_MODE=token with its token here") from None
     sweep_dir = Path(str(config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     log.info("Ray: %d jobs on %s, sweep folder %s", len(job_overrides), where, sweep_dir)

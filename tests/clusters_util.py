@@ -31,7 +31,10 @@ def free_port() -> int:
 
 def clean_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(DRIVER_ONLY)}
-    return env | {"RAY_USAGE_STATS_ENABLED": "0"} | extra
+    # Ray 2.60 turns token authentication on for `ray start` when ~/.ray/auth_token exists (a private
+    # instance, as in test_launchers, writes one) but a driver sends the token only with RAY_AUTH_MODE=token:
+    # the same mode on both sides keeps these tests independent of what ran on the machine before
+    return env | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"} | extra
 
 
 class RayHead:
