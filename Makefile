@@ -7,7 +7,7 @@ ARGS   ?=
 SHARED_DATA := $(abspath ../shared/data)
 PORT   ?= 5000
 
-.PHONY: install run test test-full ui bench clean
+.PHONY: install run test test-full test-cluster ui bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,18 @@ test: install           ## fast tier: synthetic / bundled data, a few minutes on
 
 test-full: install      ## + the slow tier: real MNIST / Fashion-MNIST (../shared/data or $$CL_RUNNER_DATA)
 	CL_RUNNER_SHARED_DATA=$${CL_RUNNER_DATA:-$(SHARED_DATA)} $(BIN)/python -m pytest -q -m ""
+
+# sweeps on real clusters: a Ray head and a one-node SLURM (scripts/slurm.sh; root on Debian), each started and
+# stopped by tests/test_clusters.py. Installs the [ray] extra into $(VENV) (it holds cloudpickle < 3, which the
+# main install does not need) and, as root, Debian's slurm-wlm slurmdbd munge mariadb-server
+CLUSTER_STAMP := $(VENV)/.cl_runner-cluster-installed
+test-cluster: $(CLUSTER_STAMP)  ## slow: 2-seed sweeps through launcher=ray and launcher=slurm on local clusters (~5 min)
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q -s -m slow tests/test_clusters.py
+
+$(CLUSTER_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[test,ray]'
+	bash scripts/slurm.sh install
+	@touch $@
 
 # the database cl-run writes by default: $CL_RUNNER_OUTPUTS/mlflow.db, else outputs/mlflow.db. cl-run's last line
 # gives a run's address there, in the UI's "Model training" view (?workflowType=machine_learning)
@@ -53,6 +65,7 @@ bench: install          ## time the split-MNIST finetune protocol; appends to BE
 
 clean:                  ## run folders, MLflow database/artifacts, caches (keeps the venv)
 	-@test ! -d $(SERVER_DIR) || SERVER_DIR=$(SERVER_DIR) bash scripts/server.sh stop  # its data goes too
+	-@test ! -d outputs/slurm || bash scripts/slurm.sh stop  # the test SLURM's daemons, before their folder goes
 	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
 	rm -rf multirun .pytest_cache
 

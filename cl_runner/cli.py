@@ -133,16 +133,21 @@ def main() -> None:
     # here on 2 cores: 0.5 s -> 16 s per epoch); passive waiting costs little when the machine is idle.
     # Set before torch loads (it is imported by the job), so sweep workers inherit it too.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    _composition_errors_in_one_line()
+    _errors_in_one_line()
     _hydra_app()
 
 
-def _composition_errors_in_one_line() -> None:
+def _errors_in_one_line() -> None:
     """Hydra reports a config it cannot compose (`method.nonexistent=1` without `+`) in several lines and exit
-    1, from inside its own runner (hydra._internal.utils.run_and_report, which `hydra.main` looks up when it
-    runs). Wrap that runner so these errors end as ours do: one line, exit 2."""
+    1, and a launcher's failure (a cluster down, a job it killed) in a traceback, from inside its own runner
+    (hydra._internal.utils.run_and_report, which `hydra.main` looks up when it runs). Wrap that runner so these
+    errors end as ours do: one line, exit 2 (1 for a job that did not finish). A sweep that stops early, for
+    these or any reason, closes its parent MLflow run as FAILED (KILLED on Ctrl-C or a killed job)."""
     from hydra._internal import utils as hydra_utils
     from hydra.errors import ConfigCompositionException
+
+    from .errors import ClusterError
+    from .sweep import abort_sweep
 
     report = hydra_utils.run_and_report
     if getattr(report, "cl_runner_wrapped", False):
@@ -155,6 +160,17 @@ def _composition_errors_in_one_line() -> None:
             except ConfigCompositionException as e:
                 sys.stderr.write(f"cl-run: error: {composition_error(e)}\n")
                 sys.exit(2)
+            except ClusterError as e:
+                closed = abort_sweep(e.status, str(e))
+                sys.stderr.write(f"cl-run: error: {e}{f' ({closed})' if closed else ''}\n")
+                sys.exit(e.exit_code)
+            except KeyboardInterrupt:
+                abort_sweep("KILLED", "interrupted (Ctrl-C)")
+                raise
+            except SystemExit as e:  # a job in this process stopped the sweep (its line is printed already)
+                if e.code not in (0, None):
+                    abort_sweep("KILLED" if e.code == 130 else "FAILED", f"stopped: exit code {e.code}")
+                raise
 
         return report(guarded)
 

@@ -27,3 +27,20 @@ class TrainingError(UserError):
     """A run failed after it started (e.g. its loss became NaN): the finished tasks are kept, exit code 1."""
 
     exit_code = 1
+
+
+class ClusterError(UserError):
+    """A sweep's cluster cannot be reached or refused its jobs (launcher=ray|slurm); the sweep's parent run is
+    closed as `status`."""
+
+    status = "FAILED"
+
+
+class ClusterJobError(ClusterError):
+    """A job did not finish on the cluster (killed, lost, failed); the finished jobs are kept, exit code 1."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, status: str = "FAILED"):
+        super().__init__(message)
+        self.status = status

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 log = logging.getLogger("cl_runner")
 NAMED = ("method", "dataset")  # named in the parent's name; swept, their values are
+_active = None  # the SweepCallback of the sweep under way, for abort_sweep
 
 
 def swept(config: DictConfig) -> dict[str, str]:
@@ -47,7 +48,12 @@ class SweepCallback(Callback):
     """Before a multirun's jobs start: the MLflow database, experiment and parent run; after: its result."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        global _active
+        _active = self
         self._guard_empty_study(config)
+        from .clusters import install
+
+        install(config)  # launcher=ray|slurm: probe the cluster, hand the jobs the driver's settings
         if config.tracking != "mlflow":
             return
         from .errors import TrackingError
@@ -106,19 +112,24 @@ class SweepCallback(Callback):
                         " ".join(str(e).split())[:300] or type(e).__name__)
             return -1  # unknown: the parent is kept
 
-    def _close(self, status: str, keep: bool = False) -> None:
-        """End the parent run; one that stands for no job (every job stopped before its run began) is deleted,
-        as it would only clutter the UI."""
-        if getattr(self, "run_id", None):
-            try:
-                children = self.client.search_runs([self.exp_id], f"tags.mlflow.parentRunId = '{self.run_id}'",
-                                                   max_results=1)
-                self.client.set_terminated(self.run_id, status)
-                if not children and not keep:
-                    self.client.delete_run(self.run_id)
+    def _close(self, status: str, keep: bool = False, quiet: bool = False) -> bool:
+        """End the parent run (once); one that stands for no job (every job stopped before its run began) is
+        deleted, as it would only clutter the UI. Returns whether it was deleted."""
+        if not getattr(self, "run_id", None) or getattr(self, "closed", False):
+            return False
+        self.closed = True
+        try:
+            children = self.client.search_runs([self.exp_id], f"tags.mlflow.parentRunId = '{self.run_id}'",
+                                               max_results=1)
+            self.client.set_terminated(self.run_id, status)
+            if not children and not keep:
+                self.client.delete_run(self.run_id)
+                if not quiet:
                     log.info("no job ran, so the sweep parent MLflow run %s was deleted", self.run_id)
-            except Exception as e:  # noqa: BLE001 - the jobs' results are safe in their results.json
-                log.warning("could not close the sweep parent run: %s", e)
+                return True
+        except Exception as e:  # noqa: BLE001 - the jobs' results are safe in their results.json
+            log.warning("could not close the sweep parent run: %s", e)
+        return False
 
     def _guard_empty_study(self, config: DictConfig) -> None:
         """Optuna: when every trial failed (each already said why in one line), the plugin's `best_trial`
@@ -144,6 +155,22 @@ class SweepCallback(Callback):
                 sys.exit(1)
 
         impl.sweep = guarded
+
+
+def abort_sweep(status: str, reason: str) -> str:
+    """The sweep stopped early (a launcher or cluster error, a killed job, Ctrl-C, a job's exit): end its parent
+    run as `status` (FAILED or KILLED) with the reason as a tag, rather than leave it RUNNING (deleted, as
+    at a normal end, when no job got a run). Returns what became of it, for the error line ("" if nothing:
+    tracking=local, no sweep, already closed)."""
+    cb = _active
+    if cb is None or not getattr(cb, "run_id", None) or getattr(cb, "closed", False):
+        return ""
+    try:
+        cb.client.set_tag(cb.run_id, "cl_runner.error", reason[:5000])
+    except Exception:  # noqa: BLE001 - the status matters more than the tag
+        pass
+    deleted = cb._close(status, quiet=True)
+    return f"sweep parent run {cb.run_id} closed as {status}" + (" and deleted (no job ran)" if deleted else "")
 
 
 def _params(keys: dict[str, str]) -> list:

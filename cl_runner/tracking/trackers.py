@@ -115,9 +115,22 @@ class MlflowTracker(LocalTracker):
         super().start(threads, dataset)
 
     def _log_dataset(self) -> None:
-        if self.state.get("dataset"):
-            inputs = [mlflow_store.dataset_input(self.state["dataset"])]
-            self._call(lambda: self.client.log_inputs(self.mlflow_run_id, datasets=inputs))
+        if not self.state.get("dataset"):
+            return
+        inputs = [mlflow_store.dataset_input(self.state["dataset"])]
+
+        def log() -> None:
+            try:
+                self.client.log_inputs(self.mlflow_run_id, datasets=inputs)
+            except Exception as e:  # noqa: BLE001
+                # parallel jobs of a sweep (Ray, SLURM, joblib) log the same dataset: MLflow's SQL store looks
+                # it up, then inserts it, and the job that loses the race hits the UNIQUE constraint (seen on a
+                # 2-job Ray sweep: that run was left RUNNING). The row exists now, so a second call links it.
+                if not any(m in str(e) for m in ("IntegrityError", "UNIQUE constraint", "UniqueViolation")):
+                    raise
+                self.client.log_inputs(self.mlflow_run_id, datasets=inputs)
+
+        self._call(log)
 
     def ui_line(self) -> str | None:
         return ui.ui_line(self.uri, self.exp_id, self.mlflow_run_id) if self.mlflow_run_id else None
