@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import CapacityError
 from ..models import draw_init
 from ..models.masked_net import MaskedNet
-from ..models.masks import CUT, make_masked
+from ..models.masks import CUT
 from ..models.units import UnitHooks
 from . import METHODS, Method
 from .schemas import CLNPConfig, check_clnp
@@ -31,13 +31,12 @@ class CLNP(Method):
 
     def __init__(self, cfg, model, stream, device):
         super().__init__(cfg, model, stream, device)
-        convs, norms = list(getattr(model, "convs", [])), list(getattr(model, "norms", []))
-        # weight layer l writes hidden layer l (the last one: the outputs)
-        self.layers = [make_masked(m) for m in (*convs, *model.hidden, model.out)]
+        norms = list(getattr(model, "norms", []))
+        self.net = MaskedNet.of(model)  # weight layer l writes hidden layer l (the last one: the outputs)
+        self.layers = self.net.layers
         self.L = len(self.layers) - 1  # hidden layers
         self.norms = [n if isinstance(n, nn.BatchNorm2d) else None for n in norms] + [None] * (self.L - len(norms))
-        self.names = [f"conv{i + 1}" for i in range(len(convs))] + [f"fc{i + 1}" for i in range(len(model.hidden))]
-        self.net = MaskedNet(model, self.layers, self.names + ["out"])
+        self.names = self.net.names[:-1]
         # step 3 of the last task: θ per layer, validation accuracy unpruned / pruned / fine-tuned, passes
         self.register_buffer("theta", torch.full((self.L,), float("nan"), device=device))
         self.register_buffer("val_acc", torch.full((3,), float("nan"), device=device))

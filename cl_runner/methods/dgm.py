@@ -26,7 +26,6 @@ Task t:
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F

@@ -22,11 +22,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..models.masked_net import MaskedNet
-from ..models.masks import FREE, make_masked
+from ..models.masks import FREE
 from ..models.units import UnitHooks
 from . import METHODS, Method
 from .schemas import HATConfig, check_hat
@@ -39,11 +38,9 @@ class HAT(Method):
 
     def __init__(self, cfg, model, stream, device):
         super().__init__(cfg, model, stream, device)
-        convs = list(getattr(model, "convs", []))
-        self.layers = [make_masked(m) for m in (*convs, *model.hidden, model.out)]
+        self.net = MaskedNet.of(model)
+        self.layers = self.net.layers
         self.L = len(self.layers) - 1  # hidden layers, each with its gates
-        self.names = [f"conv{i + 1}" for i in range(len(convs))] + [f"fc{i + 1}" for i in range(len(model.hidden))]
-        self.net = MaskedNet(model, self.layers, self.names + ["out"])
         self.units = UnitHooks(self.layers[:self.L], [None] * self.L)
         n_tasks = len(stream.tasks)
         self.embeddings = nn.ParameterList(nn.Parameter(torch.randn(n_tasks, m.weight.shape[0], device=device))

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..data.memory import Replayer, empty_memory, gather, store_balanced
 from ..models.masked_net import MaskedNet
-from ..models.masks import CANDIDATE, FREE, SPARE, make_masked
+from ..models.masks import CANDIDATE, FREE, SPARE
 from ..models.units import UnitHooks
 from . import METHODS, Method, nispa_plots
 from .schemas import NISPAConfig, check_nispa
@@ -42,9 +42,8 @@ class NISPA(Method):
     def __init__(self, cfg, model, stream, device):
         super().__init__(cfg, model, stream, device)
         convs = list(getattr(model, "convs", []))
-        self.layers = [make_masked(m) for m in (*convs, *model.hidden, model.out)]
-        names = [f"conv{i + 1}" for i in range(len(convs))] + [f"fc{i + 1}" for i in range(len(model.hidden))]
-        self.net = MaskedNet(model, self.layers, names + ["out"])
+        self.net = MaskedNet.of(model)
+        self.layers = self.net.layers
         # activity of the hidden units; a conv followed by a max-pool is measured after it [release]
         pool = getattr(model, "pool", None)
         taps = [pool if i % 2 == 1 else None for i in range(len(convs))] + [None] * len(model.hidden)

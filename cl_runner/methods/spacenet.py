@@ -16,7 +16,7 @@ from ..data import replay_split
 from ..errors import CapacityError
 from ..models import draw_init
 from ..models.masked_net import BlockSum, MaskedNet, PlainSGD
-from ..models.masks import FREE, make_masked
+from ..models.masks import FREE
 from . import METHODS, Method, spacenet_plots
 from .schemas import SpaceNetConfig, budget_fit, check_spacenet
 
@@ -27,10 +27,9 @@ class SpaceNet(Method):
 
     def __init__(self, cfg, model, stream, device):
         super().__init__(cfg, model, stream, device)
-        hp, convs = self.hp, list(getattr(model, "convs", []))
-        self.layers = [make_masked(m) for m in (*convs, *model.hidden, model.out)]
-        names = [f"conv{i + 1}" for i in range(len(convs))] + [f"fc{i + 1}" for i in range(len(model.hidden))]
-        self.net = MaskedNet(model, self.layers, names + ["out"])
+        hp = self.hp
+        self.net = MaskedNet.of(model)
+        self.layers = self.net.layers
         self.names, L = self.net.names, len(self.layers)
         self.gen = torch.Generator().manual_seed(cfg.seed)  # structure decisions (per task / epoch, on CPU)
         self.exact = hp.optimizer == "sgd" and hp.momentum == 0 and hp.weight_decay == 0

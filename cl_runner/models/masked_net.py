@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .masks import CUT, FREE, SPARE, MaskedLinear
+from .masks import CUT, FREE, SPARE, MaskedLinear, make_masked
 
 
 @dataclass
@@ -52,6 +52,14 @@ class MaskedNet:
         self.entries: list = []  # (param, bool mask | None, float mask | None, values to put back | None)
         self.rows: list = [None] * len(layers)  # rows of each layer holding trainable connections
         self._in_backward: set = set()
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "MaskedNet":
+        """Every weight layer of `model` masked in place, in order: its convs (`conv1`...), dense layers (`fc1`...)
+        and output layer (`out`); `layers[l]` writes hidden layer l, the last one the outputs."""
+        convs, hidden = list(getattr(model, "convs", [])), list(model.hidden)
+        names = [f"conv{i + 1}" for i in range(len(convs))] + [f"fc{i + 1}" for i in range(len(hidden))] + ["out"]
+        return cls(model, [make_masked(m) for m in (*convs, *hidden, model.out)], names)
 
     def cols(self, l: int, units: torch.Tensor) -> torch.Tensor:
         """A per-unit vector of weight layer l's input units, one entry per input column."""
