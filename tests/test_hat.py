@@ -1,6 +1,5 @@
 """HAT on the bundled digits: the release's gradient rules (Eq. 2 scaling, Eq. 4 compensation), cumulative masks
 that never shrink, no interference on units earlier tasks hold, ownership for capacity, a checkpoint round trip."""
-import math
 
 import pytest
 import torch
