@@ -38,3 +38,17 @@ def cli_env(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CL_RUNNER_DATA")}
     env["CL_RUNNER_OUTPUTS"] = str(tmp_path / "outputs")
     return env
+
+
+def assert_trains_alike(a, b, task) -> None:
+    """Methods a and b (b loaded with a's state_dict) train `task` from the same global RNG state to exactly the
+    same parameters and buffers: what a resumed run needs."""
+    import torch
+
+    rng = torch.get_rng_state()
+    a.fit_task(task)
+    torch.set_rng_state(rng)
+    b.fit_task(task)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        if torch.is_tensor(va):
+            assert torch.equal(va, vb), k

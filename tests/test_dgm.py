@@ -8,6 +8,7 @@ from cl_runner.data import build_stream
 from cl_runner.errors import ConfigError
 from cl_runner.models import build_model
 from cl_runner.registry import METHODS
+from conftest import assert_trains_alike
 
 DGM = ("dataset.n_tasks=10", "dataset.normalize=symmetric", "dataset.resize=32", "dataset.val_fraction=0.15",
        "hardware=cpu", "method.epochs=2", "method.batch_size=32", "method.val_every=1",
@@ -90,12 +91,7 @@ def test_checkpoint_round_trip_resumes_bit_identically(make_cfg):
     x = stream.tasks[0].test.x[:20]
     assert torch.equal(a.predict(x), b.predict(x))
     torch.set_rng_state(rng)
-    a.fit_task(stream.tasks[2])
-    torch.set_rng_state(rng)
-    b.fit_task(stream.tasks[2])
-    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
-        if torch.is_tensor(va):
-            assert torch.equal(va, vb), k
+    assert_trains_alike(a, b, stream.tasks[2])
 
 
 @pytest.mark.parametrize("bad, message", [("dataset.normalize=unit", "normalize=symmetric"),
@@ -110,13 +106,11 @@ def test_killed_run_resumes_to_the_uninterrupted_matrices(tmp_path):
     """SIGKILL inside task 4 of a DGM run (grown generator, per-task BatchNorms, a wider discriminator), then
     resume=true: the same class-IL matrix as a run never killed."""
     import json
-    import signal
     import subprocess
-    import time
     from pathlib import Path
 
     from conftest import cli
-    from test_resume import cl_run, env_for, results
+    from test_resume import cl_run, env_for, kill_after, results
 
     args = ["method=dgma", *DGM, "method.epochs=3", "seed=2", "progress=off", "hardware.threads=1", "tracking=local"]
     ref_out = tmp_path / "ref" / "outputs"
@@ -127,15 +121,7 @@ def test_killed_run_resumes_to_the_uninterrupted_matrices(tmp_path):
     out.parent.mkdir()
     proc = subprocess.Popen([cli(), *args], cwd=out.parent, env=env_for(out), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        found = results(out) if out.exists() else []
-        if found and found[0]["tasks_done"] >= 3:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    (killed,) = results(out)
+    killed = kill_after(proc, out, 3)
     assert killed["status"] == "running" and 3 <= killed["tasks_done"] < 10
     cl_run(out, *args, "resume=true")
     final = json.loads((Path(killed["run_dir"]) / "results.json").read_text())

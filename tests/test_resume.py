@@ -36,6 +36,21 @@ def results(outputs: Path) -> list:
     return [json.loads(p.read_text()) for p in sorted(outputs.glob("runs/*/*/results.json"))]
 
 
+def kill_after(proc: subprocess.Popen, outputs: Path, tasks: int, then_s: float = 0.0) -> dict:
+    """SIGKILL `proc` once its run has finished `tasks` tasks (and `then_s` seconds more); its results.json."""
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        found = results(outputs) if outputs.exists() else []
+        if found and found[0]["tasks_done"] >= tasks:
+            break
+        time.sleep(0.02)
+    time.sleep(then_s)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (killed,) = results(outputs)
+    return killed
+
+
 def test_sigkill_mid_task_then_resume_gives_the_uninterrupted_matrices(tmp_path):
     ref_out = tmp_path / "ref" / "outputs"
     ref_out.parent.mkdir()
@@ -48,16 +63,7 @@ def test_sigkill_mid_task_then_resume_gives_the_uninterrupted_matrices(tmp_path)
     db = f"sqlite:///{out.parent / 'mlflow.db'}"
     proc = subprocess.Popen([cli(), *ARGS, "tracking=mlflow", f"mlflow.uri={db}"], cwd=out.parent, env=env_for(out),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        found = results(out) if out.exists() else []
-        if found and found[0]["tasks_done"] >= 2:
-            break
-        time.sleep(0.05)
-    time.sleep(0.3)  # into task 3
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    (killed,) = results(out)
+    killed = kill_after(proc, out, 2, then_s=0.3)  # into task 3
     assert killed["status"] == "running", "the run ended before it could be killed; raise the epochs"
     assert killed["tasks_done"] == 2, f"killed after {killed['tasks_done']} tasks, not inside task 3"
     run_dir = Path(killed["run_dir"])

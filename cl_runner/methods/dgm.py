@@ -55,12 +55,14 @@ class DGM(Method):
         # the classifier is the discriminator's auxiliary head: the engine's `model` (evaluation mode switches)
         self.D = self.model = Discriminator(self.nc, self.hp.ndf, 1, self.size).to(device)
         self.done = 0  # tasks finished (checkpoints rebuild the grown shapes from `growth`)
+        self._free = None  # (1 − m_<t per layer, their total): the penalty's denominator, set per task
         self.growth: list = []  # per finished task: channels added per layer, sizes, parameters, reserved share
 
     # -- 3c. the masks' arithmetic ----------------------------------------------------------------------
     def _penalty(self, gates: list) -> torch.Tensor:
-        free = [1 - m for m in self.generator.reserved]
-        return sum((g * f).sum() for g, f in zip(gates, free)) / sum(f.sum() for f in free).clamp_min(1e-12)
+        """HAT's attention penalty over the positions free before the task (self._free: set per task)."""
+        free, total = self._free
+        return sum((g * f).sum() for g, f in zip(gates, free)) / total
 
     def _grad_scales(self) -> list:
         """1 − m_<t per conv weight [in, out, k, k] (DGMa: 1 − min(m[post], m[pre]), per channel pair)."""
@@ -85,6 +87,8 @@ class DGM(Method):
         x, n, bs = task.train.x, len(task.train.y), hp.batch_size
         replay = self._replay(t, n)  # 2.
         scales = self._grad_scales()
+        free = [1 - m for m in G.reserved]
+        self._free = (free, sum(f.sum() for f in free).clamp_min(1e-12))
         order = torch.randperm(n, device=self.device, generator=self.shuffle_gen)
         labels = torch.full((bs,), cls, device=self.device)
         best, best_acc, best_epoch = None, -1.0, -1
