@@ -1,9 +1,14 @@
 """The published numbers beside which `cl-report --ref` puts a table (references.yaml) and the band a
-faithful reproduction should land in."""
+faithful reproduction should land in: an explicit one where references.yaml gives it (`band`, `band_til`:
+"18-22", ">= 97.5"), else one drawn around the published mean from the spreads (`reference_band`)."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
+
+_RANGE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*-\s*(-?\d+(?:\.\d+)?)\s*$")
+_BOUND = re.compile(r"^\s*(>=|<=)\s*(-?\d+(?:\.\d+)?)\s*$")
 
 
 def reference_band(ref_std: float | None, row_std: float, n: int) -> float:
@@ -14,6 +19,34 @@ def reference_band(ref_std: float | None, row_std: float, n: int) -> float:
     """
     own = 2 * row_std / math.sqrt(n) if n > 1 and not math.isnan(row_std) else 0.0
     return max(2 * (ref_std or 0.0), own, 1.0)
+
+
+def parse_band(text: str) -> tuple[float, float]:
+    """An explicit band as (low, high): "18-22" -> (18, 22), ">= 97.5" -> (97.5, inf), "<= 5" -> (-inf, 5)."""
+    if m := _RANGE.match(str(text)):
+        low, high = float(m[1]), float(m[2])
+        if low <= high:
+            return low, high
+    elif m := _BOUND.match(str(text)):
+        return (float(m[2]), math.inf) if m[1] == ">=" else (-math.inf, float(m[2]))
+    raise ValueError(f"band {text!r}: expected 'LOW-HIGH', '>= X' or '<= X'")
+
+
+def band_label(text: str) -> str:
+    """How the table shows an explicit band: 18-22, ≥ 97.5."""
+    low, high = parse_band(text)
+    if math.isinf(high):
+        return f"≥ {low:g}"
+    return f"≤ {high:g}" if math.isinf(low) else f"{low:g}-{high:g}"
+
+
+def lands(mean: float, std: float, n: int, ref: float | None, ref_std: float | None, band: str | None) -> bool:
+    """Whether a row's mean lands where a faithful reproduction should: inside the explicit band if one is
+    given, else within `reference_band` of the published mean."""
+    if band is not None:
+        low, high = parse_band(band)
+        return low <= mean <= high
+    return abs(mean - ref) <= reference_band(ref_std, std, n)
 
 
 def load_references() -> dict:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .identity import is_identity_key
-from .references import load_references, reference_band
+from .references import band_label, lands, load_references
 from .tracking import names
 from .tracking.records import (TASK_IL, RunRecord, collect_from_mlflow, collect_from_results,  # noqa: F401
                                resolve_tracking_uri)
@@ -75,20 +75,22 @@ def swept_keys(records: list[RunRecord]) -> list[str]:
 def _compare(row: Row, refs: dict) -> None:
     row.paper = row.flag = DASH
     entry = (refs.get(row.method) or {}).get(row.dataset) or {}
-    if row.scenario == TASK_IL:  # a head per task: the paper's task-IL number, if it gives one
-        if "acc_til" not in entry:
-            return
-        label, ref, ref_std, note = "acc (task-IL)", entry["acc_til"], entry.get("std_til"), ""
-    elif "acc" in entry:
-        label, ref, ref_std, note = "acc (class-IL)", entry["acc"], entry.get("std"), ""
-    elif "acc_til" in entry:  # one shared head, but the paper gives a task-aware number only (CLNP's pMNIST)
-        label, ref, ref_std, note = "acc (task-IL)", entry["acc_til"], entry.get("std_til"), " task-IL"
-    else:
+    til = ("acc_til", "std_til", "band_til")
+    if row.scenario == TASK_IL:  # a head per task: the paper's task-IL number (or band), if it gives one
+        (ref_key, std_key, band_key), note = til, ""
+    elif "acc" in entry or "band" in entry:
+        (ref_key, std_key, band_key), note = ("acc", "std", "band"), ""
+    else:  # one shared head, but the paper gives a task-aware number only (CLNP's pMNIST)
+        (ref_key, std_key, band_key), note = til, " task-IL"
+    ref, ref_std, band = entry.get(ref_key), entry.get(std_key), entry.get(band_key)
+    if ref is None and band is None:
         return
-    row.paper = _fmt((ref, math.nan if ref_std is None else ref_std)) + note
+    row.paper = (DASH if ref is None else _fmt((ref, math.nan if ref_std is None else ref_std))) + note
+    label = "acc (task-IL)" if ref_key == "acc_til" else "acc (class-IL)"
     if row.stats.get(label):
         mean, std = row.stats[label]
-        row.flag = "✓" if abs(mean - ref) <= reference_band(ref_std, std, row.n) else "✗ outside"
+        row.flag = ("✓" if lands(mean, std, row.n, ref, ref_std, band) else "✗ outside") + (
+            f" ({band_label(band)})" if band is not None else "")
 
 
 def _mean_std(values: list) -> tuple[float, float] | None:

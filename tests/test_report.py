@@ -1,12 +1,13 @@
 """cl-report: grouping, mean ± std, swept keys, references, CSV, and both sources (results.json, MLflow)."""
 import csv
 import json
+import math
 import socket
 import time
 
 import pytest
 
-from cl_runner.references import reference_band
+from cl_runner.references import band_label, lands, load_references, parse_band, reference_band
 from cl_runner.report import collect_from_results, main, summarise, to_markdown
 
 
@@ -97,7 +98,7 @@ def test_main_metrics_csv_ref(runs, tmp_path, capsys):
     assert out.startswith("Runs: 5, rows: 3")
     head, ft, sn40, sn80 = table_rows(out)
     assert head[-3:] == ["capacity/fc1/used_frac", "paper", "vs paper"]
-    assert ft[-3:] == ["–", "19.90", "✓"]  # 20.00 vs 19.90: inside the 1-point floor
+    assert ft[-3:] == ["–", "19.90", "✓ (18-22)"]  # 20.00: inside the explicit band (references.yaml)
     assert sn40[-2:] == ["75.53 ± 1.82", "✗ outside"]  # 60.00: more than 2·1.82 below
     assert sn80[-3:] == ["0.30 ± 0.14", "75.53 ± 1.82", "✓"]
     with open(out_csv, newline="", encoding="utf-8") as f:
@@ -119,6 +120,22 @@ def test_reference_band():
     assert reference_band(1.82, 0.5, 10) == pytest.approx(3.64)  # paper's spread
     assert reference_band(None, 4.0, 4) == pytest.approx(4.0)  # our standard error, 2·4/√4
     assert reference_band(0.04, float("nan"), 1) == 1.0  # floor
+
+
+def test_explicit_bands():
+    """An explicit band (issue 13's acceptance, one-sided or not) decides instead of the drawn one."""
+    assert parse_band("18-22") == (18.0, 22.0) and parse_band(">= 97.5") == (97.5, math.inf)
+    assert parse_band("<= 5") == (-math.inf, 5.0) and band_label(">= 97.5") == "≥ 97.5"
+    for bad in ("22-18", "> 3", "about 20", ""):
+        with pytest.raises(ValueError):
+            parse_band(bad)
+    assert lands(99.9, 0.1, 5, 99.12, None, ">= 98.0")  # 0.8 above the paper: outside a ±1 band, inside ≥ 98
+    assert not lands(97.6, 3.5, 5, 99.12, None, ">= 98.0")  # inside the drawn band (2·3.5/√5), not ≥ 98
+    assert lands(97.6, 3.5, 5, 99.12, None, None)
+    assert lands(86.0, 1.0, 5, None, None, ">= 85")  # a band without a published number (er)
+    bands = [e[k] for datasets in load_references().values() for e in datasets.values()
+             for k in ("band", "band_til") if k in e]
+    assert len(bands) > 20 and all(parse_band(b) for b in bands)  # every band of the package file parses
 
 
 def test_errors(tmp_path, runs, capsys):
@@ -175,7 +192,7 @@ def test_mlflow(tmp_path, capsys):
 
     assert main(["--tracking-uri", uri, "--parent", parent.info.run_id, "--ref"]) == 0
     head, ft = table_rows(capsys.readouterr().out)
-    assert ft[3] == "2" and ft[-2:] == ["19.90", "✓"]
+    assert ft[3] == "2" and ft[-2:] == ["19.90", "✓ (18-22)"]
 
     assert main(["--tracking-uri", uri, "--experiment", "nope"]) == 2
     err = capsys.readouterr().err
