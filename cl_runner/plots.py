@@ -118,19 +118,20 @@ def seen_accuracy_figure(lines: list[tuple[str, str, list[list[float]]]], path: 
     for title, label, curves in lines:
         panels[title].append((label, curves))
     labels = list(dict.fromkeys(label for _, label, _ in lines))
-    colours = plt.get_cmap("tab10").colors
-    style = {label: (colours[i % 10], ("-", "--", ":", "-.")[i // 10 % 4]) for i, label in enumerate(labels)}
+    colours = plt.get_cmap("tab10").colors  # past 10 labels the colours repeat with another dash and marker
+    style = {label: (colours[i % 10], ("-", "--", ":", "-.")[i // 10 % 4], "osD^"[i // 10 % 4])
+             for i, label in enumerate(labels)}
     ncols = min(len(panels), 3)
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False)
     handles = {}
     for ax, (title, lines) in zip(axes.flat, panels.items()):
         n_tasks = max(len(c) for _, curves in lines for c in curves)
+        low = 100.0  # the panel's lowest band edge: its y axis starts at the multiple of 10 below
         for label, curves in lines:
             mean, std = mean_std_curve(curves)
             steps = list(range(1, len(mean) + 1))
-            colour, dash = style[label]
-            marker = "o"
+            colour, dash, marker = style[label]
             if len(mean) == 1 < n_tasks:  # trained once on every task (joint): its level, drawn across
                 steps, mean, std, marker, dash = [1, n_tasks], mean * 2, std * 2, "", (0, (1, 1))
                 label_shown = f"{label} (all tasks at once)"
@@ -141,8 +142,10 @@ def seen_accuracy_figure(lines: list[tuple[str, str, list[list[float]]]], path: 
             lo = [m - s if not math.isnan(s) else m for m, s in zip(mean, std)]
             hi = [m + s if not math.isnan(s) else m for m, s in zip(mean, std)]
             ax.fill_between(steps, lo, hi, color=colour, alpha=0.15, linewidth=0)
+            low = min([low, *lo])
         ax.set(title=title, xlabel="tasks trained", ylabel="average accuracy on tasks seen (%)",
-               xticks=list(range(1, n_tasks + 1)), xlim=(0.8, n_tasks + 0.2), ylim=(0, 100))
+               xticks=list(range(1, n_tasks + 1)), xlim=(0.8, n_tasks + 0.2),
+               ylim=(max(0, math.floor(low / 10) * 10 - 10 * (low % 10 < 2)), 100))  # task-IL: 80-100, not 0-100
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
