@@ -127,7 +127,7 @@ def seen_accuracy_figure(lines: list[tuple[str, str, list[list[float]]]], path: 
     handles = {}
     for ax, (title, lines) in zip(axes.flat, panels.items()):
         n_tasks = max(len(c) for _, curves in lines for c in curves)
-        low = 100.0  # the panel's lowest band edge: its y axis starts at the multiple of 10 below
+        low = 100.0  # the panel's lowest band edge: its y axis starts at a multiple of 10, 2 points or more below
         for label, curves in lines:
             mean, std = mean_std_curve(curves)
             steps = list(range(1, len(mean) + 1))
@@ -145,7 +145,7 @@ def seen_accuracy_figure(lines: list[tuple[str, str, list[list[float]]]], path: 
             low = min([low, *lo])
         ax.set(title=title, xlabel="tasks trained", ylabel="average accuracy on tasks seen (%)",
                xticks=list(range(1, n_tasks + 1)), xlim=(0.8, n_tasks + 0.2),
-               ylim=(max(0, math.floor(low / 10) * 10 - 10 * (low % 10 < 2)), 100))  # task-IL: 80-100, not 0-100
+               ylim=(max(0, 10 * math.floor((low - 2) / 10)), 100))  # task-IL panels: ~70-100, not 0-100
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
