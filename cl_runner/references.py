@@ -7,6 +7,8 @@ import math
 import re
 from pathlib import Path
 
+from .errors import UserError
+
 _RANGE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*-\s*(-?\d+(?:\.\d+)?)\s*$")
 _BOUND = re.compile(r"^\s*(>=|<=)\s*(-?\d+(?:\.\d+)?)\s*$")
 
@@ -50,6 +52,16 @@ def lands(mean: float, std: float, n: int, ref: float | None, ref_std: float | N
 
 
 def load_references() -> dict:
+    """references.yaml, every band checked: a malformed one (an edited file) is one line naming it."""
     import yaml  # read beside this module: importlib.resources fails on namespace packages (3.11)
 
-    return yaml.safe_load(Path(__file__).with_name("references.yaml").read_text(encoding="utf-8")) or {}
+    path = Path(__file__).with_name("references.yaml")
+    refs = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    for method, datasets in refs.items():
+        for dataset, entry in (datasets or {}).items():
+            for key in ("band", "band_til"):
+                try:
+                    entry.get(key) is None or parse_band(entry[key])
+                except ValueError as e:
+                    raise UserError(f"{path}: {method}.{dataset}.{key}: {e}") from None
+    return refs

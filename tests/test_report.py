@@ -138,6 +138,17 @@ def test_explicit_bands():
     assert len(bands) > 20 and all(parse_band(b) for b in bands)  # every band of the package file parses
 
 
+def test_a_malformed_band_is_one_line(tmp_path, monkeypatch, runs, capsys):
+    import cl_runner.references as references
+
+    fake = tmp_path / "references.py"
+    (tmp_path / "references.yaml").write_text('finetune:\n  split_mnist: {acc: 19.9, band: "about 20"}\n')
+    monkeypatch.setattr(references, "__file__", str(fake))
+    assert main([str(runs), "--ref"]) == 2
+    err = capsys.readouterr().err
+    assert "finetune.split_mnist.band" in err and "about 20" in err and "Traceback" not in err
+
+
 def test_errors(tmp_path, runs, capsys):
     assert main([str(tmp_path / "missing")]) == 2
     assert main([str(runs / "ft2" / "results.json")]) == 2  # only an unfinished run
