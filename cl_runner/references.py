@@ -34,34 +34,38 @@ def parse_band(text: str) -> tuple[float, float]:
     raise ValueError(f"band {text!r}: expected 'LOW-HIGH', '>= X' or '<= X'")
 
 
-def band_label(text: str) -> str:
+def band_label(band: tuple[float, float]) -> str:
     """How the table shows an explicit band: 18-22, ≥ 97.5."""
-    low, high = parse_band(text)
+    low, high = band
     if math.isinf(high):
         return f"≥ {low:g}"
     return f"≤ {high:g}" if math.isinf(low) else f"{low:g}-{high:g}"
 
 
-def lands(mean: float, std: float, n: int, ref: float | None, ref_std: float | None, band: str | None) -> bool:
+def lands(mean: float, std: float, n: int, ref: float | None, ref_std: float | None,
+          band: tuple[float, float] | None) -> bool:
     """Whether a row's mean lands where a faithful reproduction should: inside the explicit band if one is
     given, else within `reference_band` of the published mean."""
     if band is not None:
-        low, high = parse_band(band)
-        return low <= mean <= high
+        return band[0] <= mean <= band[1]
     return abs(mean - ref) <= reference_band(ref_std, std, n)
 
 
+REFERENCES_FILE = Path(__file__).with_name("references.yaml")
+
+
 def load_references() -> dict:
-    """references.yaml, every band checked: a malformed one (an edited file) is one line naming it."""
+    """references.yaml with every band parsed into (low, high): a malformed one (an edited file) is one line
+    naming it."""
     import yaml  # read beside this module: importlib.resources fails on namespace packages (3.11)
 
-    path = Path(__file__).with_name("references.yaml")
-    refs = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    refs = yaml.safe_load(REFERENCES_FILE.read_text(encoding="utf-8")) or {}
     for method, datasets in refs.items():
         for dataset, entry in (datasets or {}).items():
             for key in ("band", "band_til"):
-                try:
-                    entry.get(key) is None or parse_band(entry[key])
-                except ValueError as e:
-                    raise UserError(f"{path}: {method}.{dataset}.{key}: {e}") from None
+                if key in entry:
+                    try:
+                        entry[key] = parse_band(entry[key])
+                    except ValueError as e:
+                        raise UserError(f"{REFERENCES_FILE}: {method}.{dataset}.{key}: {e}") from None
     return refs

@@ -125,25 +125,25 @@ def test_reference_band():
 def test_explicit_bands():
     """An explicit band (issue 13's acceptance, one-sided or not) decides instead of the drawn one."""
     assert parse_band("18-22") == (18.0, 22.0) and parse_band(">= 97.5") == (97.5, math.inf)
-    assert parse_band("<= 5") == (-math.inf, 5.0) and band_label(">= 97.5") == "≥ 97.5"
+    assert parse_band("<= 5") == (-math.inf, 5.0) and band_label(parse_band(">= 97.5")) == "≥ 97.5"
     for bad in ("22-18", "> 3", "about 20", ""):
         with pytest.raises(ValueError):
             parse_band(bad)
-    assert lands(99.9, 0.1, 5, 99.12, None, ">= 98.0")  # 0.8 above the paper: outside a ±1 band, inside ≥ 98
-    assert not lands(97.6, 3.5, 5, 99.12, None, ">= 98.0")  # inside the drawn band (2·3.5/√5), not ≥ 98
+    assert lands(99.9, 0.1, 5, 99.12, None, parse_band(">= 98.0"))  # 0.8 above the paper: outside a ±1 band, inside ≥ 98
+    assert not lands(97.6, 3.5, 5, 99.12, None, parse_band(">= 98.0"))  # inside the drawn band (2·3.5/√5), not ≥ 98
     assert lands(97.6, 3.5, 5, 99.12, None, None)
-    assert lands(86.0, 1.0, 5, None, None, ">= 85")  # a band without a published number (er)
+    assert lands(86.0, 1.0, 5, None, None, parse_band(">= 85"))  # a band without a published number (er)
     bands = [e[k] for datasets in load_references().values() for e in datasets.values()
              for k in ("band", "band_til") if k in e]
-    assert len(bands) > 20 and all(parse_band(b) for b in bands)  # every band of the package file parses
+    assert len(bands) > 20 and all(low <= high for low, high in bands)  # every band of the package file parses
 
 
 def test_a_malformed_band_is_one_line(tmp_path, monkeypatch, runs, capsys):
     import cl_runner.references as references
 
-    fake = tmp_path / "references.py"
-    (tmp_path / "references.yaml").write_text('finetune:\n  split_mnist: {acc: 19.9, band: "about 20"}\n')
-    monkeypatch.setattr(references, "__file__", str(fake))
+    edited = tmp_path / "references.yaml"
+    edited.write_text('finetune:\n  split_mnist: {acc: 19.9, band: "about 20"}\n')
+    monkeypatch.setattr(references, "REFERENCES_FILE", edited)
     assert main([str(runs), "--ref"]) == 2
     err = capsys.readouterr().err
     assert "finetune.split_mnist.band" in err and "about 20" in err and "Traceback" not in err
