@@ -120,6 +120,8 @@ class HardwareConfig:
     threads: int = key(ge=0, identity=False)  # 0 = leave torch's default
     deterministic: bool = key(identity=False)
     matmul_precision: str = key(choices=("highest", "high", "medium"), identity=False)
+    # a step's independent halves on two threads, same bits (methods/overlap.py; DGR); auto: a CPU with a core spare
+    overlap: str = key(choices=("auto", "always", "never"), default="auto", identity=False)
 
 
 @dataclass

@@ -95,6 +95,11 @@ def planned_threads() -> int | None:
     return _plan[0]
 
 
+def jobs_sharing() -> int:
+    """Jobs `pin_threads` counted on this machine's cores at once (1 for a lone job)."""
+    return _plan[1]
+
+
 def log_threads(threads: int) -> None:
     log.info("threads: %d (cores %d / jobs %d)", threads, cores(), _plan[1])
 

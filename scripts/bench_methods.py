@@ -31,7 +31,8 @@ BASELINES = "finetune,ewc,online_ewc,si,mas,lwf,er,icarl,dgr,dgr_distill,joint"
 
 def run(method: str, args, env: dict, tmp: Path) -> dict:
     cmd = [str(CL_RUN), f"+experiment={args.experiment}", f"method={method}", "tracking=local", "progress=off",
-           "hardware=cpu", f"hardware.threads={args.threads}", f"paths.outputs={tmp}", "checkpoint=false"]
+           "hardware=cpu", f"hardware.threads={args.threads}", f"hardware.overlap={args.overlap}",
+           f"paths.outputs={tmp}", "checkpoint=false"]
     if args.steps:
         cmd.append(f"++method.steps={args.steps}")
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -49,6 +50,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="minibatches per task (default: the protocol's)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per method, median reported (default 2)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    ap.add_argument("--overlap", default="auto", choices=("auto", "always", "never"),
+                    help="hardware.overlap: DGR's step halves on a second thread (auto: when a core is idle)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run")
     ap.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = ap.parse_args()
@@ -77,7 +80,8 @@ def main() -> None:
                      f"{last[m]['acc']:.2f} | {last[m]['acc_til']:.2f} |")
     steps = f"{args.steps} minibatches per task" if args.steps else "the protocol's minibatches per task"
     head = (f"## {datetime.now():%Y-%m-%d %H:%M}: methods × {methods[0]}, `+experiment={args.experiment}`, {steps}\n\n"
-            f"- `scripts/bench_methods.py`, {args.threads} torch thread(s) per run, {args.repeats} repeat(s) interleaved;"
+            f"- `scripts/bench_methods.py`, {args.threads} torch thread(s) per run, hardware.overlap={args.overlap},"
+            f" {args.repeats} repeat(s) interleaved;"
             f" load average {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end (other work on the machine"
             f" slows every method alike); in-process seconds (`time/total_s`); accuracies of the last repeat, seed 0.\n")
     text = head + "\n" + "\n".join(lines) + "\n"

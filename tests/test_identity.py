@@ -12,8 +12,8 @@ from cl_runner.report import RunRecord, summarise, swept_keys
 NOT_IDENTITY = {"tracking", "resume", "progress", "checkpoint", "skip_finished", "on_nonfinite",
                 "paths.outputs", "paths.data", "paths.cache", "mlflow.experiment", "mlflow.uri",
                 "mlflow.connect_timeout_s", "eval.batch_size", "eval.after", "hardware.device", "hardware.threads",
-                "hardware.deterministic", "hardware.matmul_precision", "launcher"}
-SAME_RUN = ["eval.batch_size=7", "hardware.threads=2", "hardware=cpu", "skip_finished=false", "progress=bar",
+                "hardware.deterministic", "hardware.matmul_precision", "hardware.overlap", "launcher"}
+SAME_RUN = ["eval.batch_size=7", "hardware.threads=2", "hardware.overlap=never", "hardware=cpu", "skip_finished=false", "progress=bar",
             "checkpoint=false", "on_nonfinite=continue", "paths.data=/elsewhere", "mlflow.experiment=other",
             "resume=true", "eval.after=[2]", "launcher=local_parallel", "launcher.n_jobs=2"]
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from cl_runner.config import validate
 from cl_runner.data import build_stream
 from cl_runner.data.memory import herding_order
-from cl_runner.methods.replay import kd_loss
+from cl_runner.methods import overlap
+from cl_runner.methods.replay import kd_loss, mix, replayed_loss
 from cl_runner.models import build_model
 from cl_runner.registry import METHODS
 from conftest import assert_trains_alike
@@ -130,15 +131,67 @@ def test_dgr_replays_generated_inputs_labelled_by_the_previous_model(make_cfg, h
     with torch.no_grad():
         dgr.model.out.weight.add_(0.1)
     state = torch.get_rng_state()
-    loss = dgr.batch_loss(task, x, y)
-    torch.set_rng_state(state)
-    xr = dgr.previous_generator.net.sample(8)
-    assert torch.equal(xr, dgr._replayed) and xr.min() >= 0 and xr.max() <= 1
+    xr = dgr.previous_generator.net.sample(8)  # what the step draws first
+    assert xr.min() >= 0 and xr.max() <= 1
     out, old = dgr.model(xr), dgr.previous(xr)
     lo = 0 if head == "single" else 2
     cur = F.cross_entropy(dgr.model(x)[:, lo:4], y - lo)
     hand = cur / 2 + F.cross_entropy(out[:, :(4 if head == "single" else 2)], old[:, :2].argmax(1)) / 2
-    torch.testing.assert_close(loss, hand)
+    torch.set_rng_state(state)
+    torch.testing.assert_close(dgr.step(task, x, y), hand.detach())
+
+
+def fused_dgr_step(dgr, task, x, y):
+    """DGR's step as one backward pass per network (the 2019 code's order, and this package's before the
+    halves): the reference the split step must match bit for bit."""
+    xr = dgr.previous_generator.net.sample(len(x)) if task.id else None
+    current = dgr.loss(dgr.model(x), y, task)
+    loss = current if xr is None else mix(current, replayed_loss(
+        dgr, dgr.model(xr), dgr.previous(xr), task, dgr.hp.targets, dgr.hp.temperature), task, dgr.hp)
+    dgr.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    dgr.optimizer.step()
+    gen_loss = dgr.generator.loss(x)
+    if xr is not None:
+        gen_loss = mix(gen_loss, dgr.generator.loss(xr), task, dgr.hp)
+    dgr.gen_optimizer.zero_grad(set_to_none=True)
+    gen_loss.backward()
+    dgr.gen_optimizer.step()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("name,extra", [("dgr", ()), ("dgr_distill", ()), ("dgr", ("model.head=multi",)),
+                                        ("dgr", ("method.weighting=sum", "method.replay_lambda=0.7"))])
+def test_dgr_split_step_has_the_bits_of_one_backward_pass_on_one_thread_or_two(make_cfg, name, extra):
+    """The step's halves, their gradients summed, on two threads (hardware.overlap=always) or one (never), train
+    three tasks to exactly the parameters, buffers and Adam moments of one backward pass per network."""
+    runs = {}
+    for mode in ("fused", "always", "never"):
+        dgr, stream = build(make_cfg, f"method={name}", f"hardware.overlap={'never' if mode == 'fused' else mode}",
+                            *extra)
+        if mode == "fused":
+            dgr.step = lambda task, x, y, d=dgr: fused_dgr_step(d, task, x, y)
+        for task in stream.tasks[:3]:
+            dgr.fit_task(task)
+        assert dgr._overlap is (mode == "always") or mode == "fused"
+        runs[mode] = dgr
+    ref = runs["fused"].state_dict()
+    for mode in ("always", "never"):
+        for k, v in runs[mode].state_dict().items():
+            if torch.is_tensor(v):
+                assert torch.equal(v, ref[k]), (mode, k)
+        moments = [s["exp_avg_sq"] for s in runs[mode].gen_optimizer.state.values()]
+        assert all(torch.equal(a, b) for a, b in
+                   zip(moments, [s["exp_avg_sq"] for s in runs["fused"].gen_optimizer.state.values()]))
+
+
+def test_overlap_stays_off_where_threads_would_change_the_bits(make_cfg):
+    """Dropout draws random numbers and BatchNorm updates statistics in the forward pass: `always` then runs
+    the halves one after the other."""
+    dgr, stream = build(make_cfg, "method=dgr", "hardware.overlap=always", "model.dropout=0.2")
+    dgr.fit_task(stream.tasks[0])
+    assert dgr._overlap is False
+    assert overlap.safe(torch.nn.Linear(2, 2)) and not overlap.safe(torch.nn.BatchNorm1d(2))
 
 
 @pytest.mark.parametrize("name", ["lwf", "icarl", "dgr", "dgr_distill"])
@@ -154,3 +207,20 @@ def test_state_round_trip_resumes_bit_identically(make_cfg, name):
     assert any(k.startswith("previous.") for k in state)
     torch.set_rng_state(rng)
     assert_trains_alike(a, b, stream.tasks[1])
+
+
+def test_overlap_auto_takes_a_core_only_when_one_is_idle(monkeypatch):
+    from cl_runner import launch
+
+    net, cpu = torch.nn.Linear(2, 2), torch.device("cpu")
+    monkeypatch.setattr(launch, "cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(launch, "_plan", (None, 1))
+    assert overlap.wanted("auto", cpu, net)  # a lone job on 2 cores with 1 thread
+    assert not overlap.wanted("auto", torch.device("cuda"), net)
+    assert not overlap.wanted("never", cpu, net)
+    monkeypatch.setattr(launch, "_plan", (1, 2))  # two sweep jobs share the 2 cores
+    assert not overlap.wanted("auto", cpu, net) and overlap.wanted("always", cpu, net)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(launch, "_plan", (None, 1))  # one job already on both cores
+    assert not overlap.wanted("auto", cpu, net)

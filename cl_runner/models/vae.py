@@ -30,12 +30,18 @@ class VAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z).view(len(z), *self.input_shape)
 
-    def loss(self, x: torch.Tensor) -> torch.Tensor:
+    def noise(self, n: int) -> torch.Tensor:
+        """The reparameterisation's N(0, I) draws for a batch of n (the global RNG, as `randn_like` in `loss`)."""
+        return torch.randn(n, self.z_dim, device=self.to_mu.weight.device)
+
+    def loss(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruction (binary cross-entropy per pixel, averaged over pixels) + KL divergence to N(0, I) divided
-        by the number of pixels (the code's `average=True`), both averaged over the batch."""
+        by the number of pixels (the code's `average=True`), both averaged over the batch. `eps`: the
+        reparameterisation's noise drawn beforehand (`noise`), so that the loss itself draws none."""
         h = self.encoder(x.flatten(1))
         mu, logvar = self.to_mu(h), self.to_logvar(h)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # reparameterisation
+        eps = torch.randn_like(mu) if eps is None else eps
+        z = mu + eps * (0.5 * logvar).exp()  # reparameterisation
         recon = F.binary_cross_entropy(self.decoder(z), x.flatten(1), reduction="none").mean(1).mean()
         kl = (-0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(1)).mean() / x[0].numel()
         return recon + kl
