@@ -90,13 +90,13 @@ class DGR(Method):
             loss = mix(c, r, task, self.hp)
 
         def update_classifier():
-            overlap.set_grads(clf, *(g for g in (gc_clf, g_clf) if g is not None))
+            overlap.set_grads(clf, gc_clf, g_clf)
             self.after_backward(task)
             self.optimizer.step()
             self.after_step(task)
 
         def update_generator():
-            overlap.set_grads(gen, *(g for g in (gc_gen, g_gen) if g is not None))
+            overlap.set_grads(gen, gc_gen, g_gen)
             self.gen_optimizer.step()
 
         # from task 2 on the second thread takes both updates (the classifier's first: the next step needs it

@@ -77,9 +77,11 @@ def gradients(loss: torch.Tensor | None, params: list) -> list:
     return list(torch.autograd.grad(loss, params, allow_unused=True))
 
 
-def set_grads(params: list, *parts: list) -> None:
-    """p.grad = the sum of the parts' gradients of p, as backward sums a parameter's branches (for two parts,
-    a + b: the same bits in either order); None where no part reaches p (optimizers skip it)."""
+def set_grads(params: list, *parts: list | None) -> None:
+    """p.grad = the sum of the parts' gradients of p (a part None: no gradients), as backward sums a parameter's
+    branches (for two parts, a + b: the same bits in either order); None where no part reaches p (optimizers
+    skip it)."""
+    parts = tuple(part for part in parts if part is not None)
     for i, p in enumerate(params):
         grad = None
         for g in (part[i] for part in parts):

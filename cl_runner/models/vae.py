@@ -49,4 +49,4 @@ class VAE(nn.Module):
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
         """n images decoded from z ~ N(0, I) (the global RNG: checkpoints carry its state)."""
-        return self.decode(torch.randn(n, self.z_dim, device=self.to_mu.weight.device))
+        return self.decode(self.noise(n))
