@@ -126,3 +126,16 @@ def test_killed_run_resumes_to_the_uninterrupted_matrices(tmp_path):
     cl_run(out, *args, "resume=true")
     final = json.loads((Path(killed["run_dir"]) / "results.json").read_text())
     assert final["status"] == "finished" and final["acc"] == ref["acc"] and final["capacity"] == ref["capacity"]
+
+
+def test_a_nonfinite_loss_reaches_the_runs_policy(make_cfg, monkeypatch):
+    """Each epoch's summed GAN losses are checked once (on_nonfinite: fail the run, or mark it and go on)."""
+    dgm, stream = build(make_cfg)
+    calls = []
+    dgm.on_nonfinite = lambda task, epoch: calls.append((task.id, epoch))
+    dgm.fit_task(stream.tasks[0])
+    assert calls == []
+    critic = type(dgm)._critic_step
+    monkeypatch.setattr(type(dgm), "_critic_step", lambda self, *a: critic(self, *a) * float("nan"))
+    dgm.fit_task(stream.tasks[1])
+    assert calls == [(1, 0), (1, 1)]  # both epochs of the second task

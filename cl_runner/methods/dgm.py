@@ -94,13 +94,16 @@ class DGM(Method):
         best, best_acc, best_epoch = None, -1.0, -1
         for epoch in range(hp.epochs):  # 3.
             s_e = (hp.s_max - 1 / hp.s_max) * epoch / hp.epochs + 1 / hp.s_max
+            total = torch.zeros((), device=self.device)  # the epoch's losses, summed on the device
             for i in range(0, n, bs):
                 b = order[i:i + bs]
                 s = (s_e - 1 / s_e) * i / n + 1 / s_e
-                self._aux_steps(x[b], replay, b, cls, opt_d)  # a.
-                self._critic_step(x[b], labels[:len(b)], t, cls, s, opt_d)  # b.
-                self._generator_step(labels[:len(b)], t, cls, s, s_e, lamb, scales, opt_g)  # c.
+                total += self._aux_steps(x[b], replay, b, cls, opt_d)  # a.
+                total += self._critic_step(x[b], labels[:len(b)], t, cls, s, opt_d)  # b.
+                total += self._generator_step(labels[:len(b)], t, cls, s, s_e, lamb, scales, opt_g)  # c.
                 self.on_step()
+            if not bool(torch.isfinite(total)):  # one host sync per epoch: a NaN anywhere makes the sum NaN
+                self.on_nonfinite(task, epoch)
             if epoch % hp.val_every == 0 or epoch == hp.epochs - 1:
                 acc = self._val_accuracy(t)  # one host sync per evaluation
                 if acc > best_acc:
@@ -124,25 +127,31 @@ class DGM(Method):
         G.train()
         return out
 
-    def _aux_steps(self, real, replay: list, b, cls: int, opt_d) -> None:
+    def _aux_steps(self, real, replay: list, b, cls: int, opt_d) -> torch.Tensor:
         imgs = torch.cat([real, *(r[b] for r, _ in replay)])
         lab = torch.cat([torch.full((len(b),), c, device=self.device) for c in (cls, *(c for _, c in replay))])
         perm = torch.randperm(len(lab), device=self.device, generator=self.shuffle_gen)
         imgs, lab = imgs[perm], lab[perm]
+        total = torch.zeros((), device=self.device)
         for j in range(0, len(lab), len(b)):
             opt_d.zero_grad(set_to_none=True)
-            F.cross_entropy(self.D(imgs[j:j + len(b)])[1], lab[j:j + len(b)]).backward()
+            loss = F.cross_entropy(self.D(imgs[j:j + len(b)])[1], lab[j:j + len(b)])
+            loss.backward()
             opt_d.step()
+            total += loss.detach()
+        return total
 
-    def _critic_step(self, real, labels, t: int, cls: int, s: float, opt_d) -> None:
+    def _critic_step(self, real, labels, t: int, cls: int, s: float, opt_d) -> torch.Tensor:
         with torch.no_grad():
             fake = self.generator(self.generator.noise(labels), t, cls, s)[0]
         opt_d.zero_grad(set_to_none=True)
         gp = gradient_penalty(lambda v: self.D(v)[0], real, fake)
-        (-self.D(real)[0].mean() + self.D(fake)[0].mean() + self.hp.lambda_gp * gp).backward()
+        loss = -self.D(real)[0].mean() + self.D(fake)[0].mean() + self.hp.lambda_gp * gp
+        loss.backward()
         opt_d.step()
+        return loss.detach()
 
-    def _generator_step(self, labels, t, cls, s, s_e, lamb, scales, opt_g) -> None:
+    def _generator_step(self, labels, t, cls, s, s_e, lamb, scales, opt_g) -> torch.Tensor:
         G, hp = self.generator, self.hp
         opt_g.zero_grad(set_to_none=True)
         fake, gates = G(G.noise(labels), t, cls, s)
@@ -159,6 +168,7 @@ class DGM(Method):
             g.mul_(s_e / s * num / (torch.cosh(v) + 1))
         torch.nn.utils.clip_grad_norm_([p for p in G.parameters() if p.grad is not None], hp.clipgrad)
         opt_g.step()
+        return loss.detach()
 
     @torch.no_grad()
     def _val_accuracy(self, t: int) -> float:
