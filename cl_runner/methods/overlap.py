@@ -32,7 +32,9 @@ def safe(*modules: nn.Module) -> bool:
     """Whether forward passes of `modules` may run on two threads at once and give the same bits as one
     after the other: no dropout (random numbers) and no batch normalisation (running statistics)."""
     for m in (sub for mod in modules for sub in mod.modules()):
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) or (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return False
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
             return False
     return True
 
@@ -70,10 +72,8 @@ def submit(fn, overlap: bool) -> Future:
     return _pool.submit(fn)
 
 
-def gradients(loss: torch.Tensor | None, params: list) -> list:
-    """d loss / d params (None for a parameter the loss does not reach, or every one when `loss` is None)."""
-    if loss is None:
-        return [None] * len(params)
+def gradients(loss: torch.Tensor, params: list) -> list:
+    """d loss / d params (None for a parameter the loss does not reach), leaving every `.grad` alone."""
     return list(torch.autograd.grad(loss, params, allow_unused=True))
 
 
