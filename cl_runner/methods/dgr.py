@@ -44,7 +44,8 @@ class DGR(Method):
         self.previous_generator = FrozenCopy(self.generator)
         self.gen_optimizer: torch.optim.Optimizer | None = None
         self._gen_state = None  # the generator's Adam state from a checkpoint
-        self._overlap: bool | None = None  # the halves of a step on two threads (decided at the first step)
+        self._overlap: bool | None = None  # the halves of a step on two threads (decided at the first task)
+        self._params: tuple = ([], [])  # (classifier, generator) parameters that train, listed once per task
         self._updates: dict = {}  # network -> the future of its last optimizer step (on the second thread)
 
     def begin_task(self, task) -> None:
@@ -54,19 +55,18 @@ class DGR(Method):
                 self.gen_optimizer.load_state_dict(self._gen_state)
         self._gen_state = None
         self.generator.train()
+        if self._overlap is None:  # the job's threads are set by now
+            self._overlap = overlap.wanted(self.cfg.hardware.overlap, self.device, self.model, self.generator)
+        self._params = [p for p in self.model.parameters() if p.requires_grad], list(self.generator.parameters())
 
     def step(self, task, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self._overlap is None:
-            self._overlap = overlap.wanted(self.cfg.hardware.overlap, self.device, self.model, self.generator)
-        clf = [p for p in self.model.parameters() if p.requires_grad]
-        gen = list(self.generator.parameters())
+        clf, gen = self._params
         z = self.previous_generator.net.noise(len(x)) if task.id else None  # the serial step's order of draws
         eps_x = self.generator.noise(len(x))
         eps_r = self.generator.noise(len(x)) if task.id else None
 
         def current():  # the current minibatch's (1/t)-weighted terms; the classifier's here from task 2 on (2., 3.)
-            g_gen = overlap.gradients(mix(self.generator.loss(x, eps_x), 0, task, self.hp) if task.id
-                                      else self.generator.loss(x, eps_x), gen)
+            g_gen = overlap.gradients(mix(self.generator.loss(x, eps_x), 0, task, self.hp), gen)  # task 1: weight 1
             if not task.id:
                 return None, None, g_gen
             c = self.loss(self.model(x), y, task)
